@@ -1,0 +1,668 @@
+//! The broker's shared state: the queue, the messages file, the cursors,
+//! and the connections waiting for a `NOTIFY`.
+//!
+//! Locks, always taken in this order: `state` (a std `Mutex`) → the ring's
+//! SysV MUTEX → a connection's write lock or the syncer's lock. Nobody
+//! waits for room in the ring while holding `state` (senders reserve slots
+//! first), and nobody blocks on a socket while holding `state`: pushes to
+//! other connections use non-blocking sends and are made after `state` is
+//! released.
+//!
+//! Invariants: the ring holds exactly the ids `head..next_id`; every id in
+//! it is also in the messages file; a message is removed from the ring only
+//! when every cursor has passed it; an `OK:MSG_ID` is produced only after
+//! the record's `write` returned (and, under `always`, its fsync).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::log::Logger;
+use crate::protocol::{self, ErrorCode};
+use crate::queue::Ring;
+use crate::store::{self, FsyncPolicy, MessageFile, Offsets};
+use crate::sys::os;
+
+/// Below this size the messages file is never compacted: rewriting tiny
+/// files often would cost more than the disk it saves.
+pub const COMPACT_MIN_BYTES: u64 = 1 << 20;
+
+/// Seconds since the Unix epoch, 0 if the clock is before it.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One client connection as other threads see it: a way to write to it
+/// and to wake it. The worker serving it owns the reading side.
+#[derive(Debug)]
+pub struct Conn {
+    pub id: u64,
+    pub stream: TcpStream,
+    /// The write lock. Holds bytes a non-blocking push could not send yet;
+    /// whoever writes next sends them first.
+    pending: Mutex<Vec<u8>>,
+    /// A NOTIFY count that could not be written because the worker held
+    /// the write lock; sent after its write (or by housekeeping).
+    deferred_notify: AtomicU64,
+    /// Whether this connection is on the list of consumers to notify when
+    /// a message arrives (read and written under `state`).
+    armed: AtomicBool,
+}
+
+impl Conn {
+    pub fn new(id: u64, stream: TcpStream) -> Conn {
+        Conn {
+            id,
+            stream,
+            pending: Mutex::new(Vec::new()),
+            deferred_notify: AtomicU64::new(0),
+            armed: AtomicBool::new(false),
+        }
+    }
+
+    /// Writes `data` (whole replies) after any pushes still pending.
+    /// Blocks at most the socket's write timeout.
+    pub fn write(&self, data: &[u8]) -> io::Result<()> {
+        let mut pending = lock(&self.pending);
+        if !pending.is_empty() {
+            (&self.stream).write_all(&pending)?;
+            pending.clear();
+        }
+        (&self.stream).write_all(data)?;
+        let count = self.deferred_notify.swap(0, Ordering::AcqRel);
+        if count > 0 {
+            let mut line = Vec::with_capacity(48);
+            protocol::write_notify(&mut line, count);
+            (&self.stream).write_all(&line)?;
+        }
+        Ok(())
+    }
+
+    /// Pushes `NOTIFY:MESSAGES_AVAILABLE:<count>` without ever blocking:
+    /// what the socket does not take now stays pending.
+    fn push_notify(&self, count: u64) {
+        let Ok(mut pending) = self.pending.try_lock() else {
+            self.deferred_notify.store(count, Ordering::Release);
+            return;
+        };
+        let mut line = Vec::with_capacity(48);
+        protocol::write_notify(&mut line, count);
+        if pending.is_empty() {
+            match os::send_nonblocking(&self.stream, &line) {
+                Ok(sent) => pending.extend_from_slice(&line[sent..]),
+                Err(_) => {} // the worker sees the broken socket on its side
+            }
+        } else {
+            pending.extend_from_slice(&line);
+        }
+    }
+
+    /// Sends what pushes left pending, without blocking (housekeeping).
+    fn flush_pushes(&self) {
+        let Ok(mut pending) = self.pending.try_lock() else { return };
+        let count = self.deferred_notify.swap(0, Ordering::AcqRel);
+        if count > 0 {
+            protocol::write_notify(&mut pending, count);
+        }
+        if !pending.is_empty() {
+            if let Ok(sent) = os::send_nonblocking(&self.stream, &pending) {
+                pending.drain(..sent);
+            }
+        }
+    }
+}
+
+/// A consumer id's position.
+#[derive(Debug)]
+struct Cursor {
+    /// Id of the last message consumed (0 before the first).
+    pos: u64,
+    /// Connections registered under this id now.
+    connections: u32,
+    /// When the last connection left (meaningful when `connections == 0`).
+    idle_since: Instant,
+}
+
+struct State {
+    file: MessageFile,
+    next_id: u64,
+    head: u64,
+    next_consumer: u64,
+    cursors: HashMap<Arc<[u8]>, Cursor>,
+    armed: Vec<(Arc<Conn>, Arc<[u8]>)>,
+    /// Bytes of the records `head..next_id` in the messages file.
+    live_bytes: u64,
+    offsets_dirty: bool,
+    scratch: Vec<u8>,
+}
+
+/// Group commit: one fsync covers every append made before it started.
+struct Syncer {
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+struct SyncState {
+    file: Arc<File>,
+    /// Last id appended / known durable.
+    written: u64,
+    synced: u64,
+    syncing: bool,
+}
+
+impl Syncer {
+    /// Returns once every message up to `id` is fsynced; fsyncs itself if
+    /// nobody else is, or waits for the fsync under way.
+    fn sync_to(&self, id: u64) -> io::Result<()> {
+        let mut state = lock(&self.state);
+        loop {
+            if state.synced >= id {
+                return Ok(());
+            }
+            if !state.syncing {
+                state.syncing = true;
+                let target = state.written;
+                let file = Arc::clone(&state.file);
+                drop(state);
+                let result = file.sync_data();
+                state = lock(&self.state);
+                state.syncing = false;
+                if result.is_ok() {
+                    state.synced = state.synced.max(target);
+                }
+                self.done.notify_all();
+                result?;
+                continue;
+            }
+            state = self.done.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    fn written(&self) -> u64 {
+        lock(&self.state).written
+    }
+
+    fn synced(&self) -> u64 {
+        lock(&self.state).synced
+    }
+}
+
+/// Counters for `STATS`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub stored: AtomicU64,
+    pub delivered: AtomicU64,
+    pub queue_full: AtomicU64,
+    pub persistence_failures: AtomicU64,
+    pub connections: AtomicU64,
+    pub producers: AtomicU64,
+    pub consumers: AtomicU64,
+    pub refused_full: AtomicU64,
+    pub idle_drops: AtomicU64,
+}
+
+/// What recovery hands to [`Core::new`].
+pub struct Recovered {
+    pub file: MessageFile,
+    pub next_id: u64,
+    pub head: u64,
+    pub next_consumer: u64,
+    pub cursors: Vec<(Vec<u8>, u64)>,
+    pub live_bytes: u64,
+}
+
+/// Settings the core needs from the command line.
+pub struct CoreConfig {
+    pub messages_file: PathBuf,
+    pub send_timeout: Duration,
+    pub consumer_ttl: Duration,
+    pub fsync: FsyncPolicy,
+}
+
+/// The shared heart of the broker.
+pub struct Core {
+    pub log: Arc<Logger>,
+    pub config: CoreConfig,
+    pub counters: Counters,
+    ring: Ring,
+    state: Mutex<State>,
+    sync: Syncer,
+    started: Instant,
+}
+
+impl Core {
+    /// Builds the core over a ring already filled with the ids
+    /// `recovered.head..recovered.next_id`.
+    pub fn new(
+        config: CoreConfig,
+        log: Arc<Logger>,
+        ring: Ring,
+        recovered: Recovered,
+    ) -> io::Result<Core> {
+        let sync_file = Arc::new(recovered.file.sync_handle()?);
+        // What the file holds now counts as durable from here on.
+        sync_file.sync_data()?;
+        let last = recovered.next_id - 1;
+        let now = Instant::now();
+        let cursors = recovered
+            .cursors
+            .into_iter()
+            .map(|(id, pos)| (Arc::from(id), Cursor { pos, connections: 0, idle_since: now }))
+            .collect();
+        Ok(Core {
+            log,
+            config,
+            counters: Counters::default(),
+            ring,
+            state: Mutex::new(State {
+                file: recovered.file,
+                next_id: recovered.next_id,
+                head: recovered.head,
+                next_consumer: recovered.next_consumer,
+                cursors,
+                armed: Vec::new(),
+                live_bytes: recovered.live_bytes,
+                offsets_dirty: false,
+                scratch: Vec::new(),
+            }),
+            sync: Syncer {
+                state: Mutex::new(SyncState { file: sync_file, written: last, synced: last, syncing: false }),
+                done: Condvar::new(),
+            },
+            started: now,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Stores `contents` (each already checked for size) and appends one
+    /// reply per message to `out`, in order: `OK:MSG_ID`, or
+    /// `ERROR:Queue full` once the ring stayed full past the send timeout,
+    /// or `ERROR:Persistence failure`.
+    pub fn send_batch(&self, contents: &[&[u8]], out: &mut Vec<u8>) {
+        let deadline = Instant::now() + self.config.send_timeout;
+        let mut done = 0;
+        while done < contents.len() {
+            let reserved = match self.ring.reserve(contents.len() - done, deadline) {
+                Ok(n) => n,
+                Err(err) => {
+                    self.log.error(format_args!("queue: {err}"));
+                    0
+                }
+            };
+            if reserved == 0 {
+                let rest = contents.len() - done;
+                self.counters.queue_full.fetch_add(rest as u64, Ordering::Relaxed);
+                for _ in 0..rest {
+                    ErrorCode::QueueFull.write_line(out);
+                }
+                return;
+            }
+            let chunk = &contents[done..done + reserved];
+            done += reserved;
+            let stored = self.append(chunk).and_then(|first| {
+                if self.config.fsync == FsyncPolicy::Always {
+                    self.sync.sync_to(first + chunk.len() as u64 - 1)?;
+                }
+                Ok(first)
+            });
+            match stored {
+                Ok(first) => {
+                    for k in 0..chunk.len() as u64 {
+                        protocol::write_msg_id(out, first + k);
+                    }
+                }
+                Err(err) => {
+                    self.log.error(format_args!("storing {} message(s): {err}", chunk.len()));
+                    self.counters.persistence_failures.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    for _ in chunk {
+                        ErrorCode::PersistenceFailure.write_line(out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends `chunk` to the file and the ring (slots already reserved);
+    /// returns the first id. On error nothing is stored and the slots are
+    /// given back.
+    fn append(&self, chunk: &[&[u8]]) -> io::Result<u64> {
+        let mut notify: Vec<(Arc<Conn>, u64)> = Vec::new();
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let first = state.next_id;
+        let timestamp = unix_now();
+        state.scratch.clear();
+        for (k, content) in chunk.iter().enumerate() {
+            store::encode_record(&mut state.scratch, first + k as u64, timestamp, content);
+        }
+        let old_len = state.file.len();
+        let stored = state.file.append(&state.scratch).and_then(|()| {
+            let mut guard = self.ring.lock()?;
+            guard.push(timestamp, chunk);
+            guard.unlock_pushed(chunk.len())
+        });
+        if let Err(err) = stored {
+            state.file.cut_back(old_len);
+            let _ = self.ring.unreserve(chunk.len());
+            return Err(err);
+        }
+        let n = chunk.len() as u64;
+        state.next_id += n;
+        state.live_bytes += state.scratch.len() as u64;
+        lock(&self.sync.state).written = state.next_id - 1;
+        self.counters.stored.fetch_add(n, Ordering::Relaxed);
+        if self.log.enabled(crate::log::Level::Debug) {
+            self.log.debug(format_args!("stored messages {first}..={}", first + n - 1));
+        }
+        for (conn, key) in state.armed.drain(..) {
+            conn.armed.store(false, Ordering::Relaxed);
+            let pos = state.cursors.get(&key).map_or(first - 1, |c| c.pos);
+            notify.push((conn, state.next_id - 1 - pos));
+        }
+        drop(guard);
+        for (conn, count) in notify {
+            conn.push_notify(count);
+        }
+        Ok(first)
+    }
+
+    /// Answers `count` pipelined `GET`s for consumer `key` on `conn`:
+    /// `MSG:` for each message waiting, then `ERROR:No messages available`.
+    /// Re-arms the connection for the next NOTIFY.
+    pub fn get_batch(&self, conn: &Arc<Conn>, key: &Arc<[u8]>, count: usize, out: &mut Vec<u8>) {
+        let mut state = self.state();
+        let state = &mut *state;
+        let next_id = state.next_id;
+        let Some(cursor) = state.cursors.get_mut(key) else {
+            // Cannot happen: a registered connection keeps its cursor alive.
+            for _ in 0..count {
+                ErrorCode::NoMessages.write_line(out);
+            }
+            return;
+        };
+        let old = cursor.pos;
+        let n = (count as u64).min(next_id - 1 - old);
+        if n > 0 {
+            let read = self.ring.lock().and_then(|guard| {
+                for id in old + 1..=old + n {
+                    protocol::write_msg_prefix(out, id);
+                    guard.append_content(id, out);
+                    out.push(b'\n');
+                }
+                guard.unlock()
+            });
+            if let Err(err) = read {
+                self.log.error(format_args!("queue: {err}"));
+            }
+            cursor.pos = old + n;
+            state.offsets_dirty = true;
+            self.counters.delivered.fetch_add(n, Ordering::Relaxed);
+            if self.log.enabled(crate::log::Level::Debug) {
+                self.log.debug(format_args!(
+                    "delivered messages {}..={} to consumer {}",
+                    old + 1,
+                    old + n,
+                    String::from_utf8_lossy(key)
+                ));
+            }
+        }
+        for _ in n..count as u64 {
+            ErrorCode::NoMessages.write_line(out);
+        }
+        if !conn.armed.swap(true, Ordering::Relaxed) {
+            state.armed.push((Arc::clone(conn), Arc::clone(key)));
+        }
+        if n > 0 && old + 1 == state.head {
+            self.release(state);
+        }
+    }
+
+    /// Drops from the ring the messages every cursor has passed.
+    fn release(&self, state: &mut State) {
+        let Some(min) = state.cursors.values().map(|c| c.pos + 1).min() else { return };
+        let new_head = min.min(state.next_id);
+        if new_head <= state.head {
+            return;
+        }
+        let released = self.ring.lock().and_then(|guard| {
+            let mut bytes = 0;
+            for id in state.head..new_head {
+                let (timestamp, len) = guard.meta(id);
+                bytes += store::record_len(id, timestamp, len);
+            }
+            guard.unlock_released(new_head).map(|()| bytes)
+        });
+        match released {
+            Ok(bytes) => {
+                state.live_bytes = state.live_bytes.saturating_sub(bytes);
+                state.head = new_head;
+            }
+            Err(err) => self.log.error(format_args!("queue: releasing up to {new_head}: {err}")),
+        }
+    }
+
+    /// Registers `conn` as a consumer under `requested` (or a new id) and
+    /// appends `OK:CONSUMER:<id>`, plus a NOTIFY if messages are waiting.
+    pub fn register_consumer(
+        &self,
+        conn: &Arc<Conn>,
+        requested: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> Arc<[u8]> {
+        let mut state = self.state();
+        let state = &mut *state;
+        let key: Arc<[u8]> = match requested {
+            Some(id) => match state.cursors.get_key_value(id) {
+                Some((key, _)) => Arc::clone(key),
+                None => Arc::from(id),
+            },
+            None => loop {
+                let candidate = state.next_consumer.to_string();
+                state.next_consumer += 1;
+                state.offsets_dirty = true;
+                if !state.cursors.contains_key(candidate.as_bytes()) {
+                    break Arc::from(candidate.as_bytes());
+                }
+            },
+        };
+        let head = state.head;
+        let cursor = state.cursors.entry(Arc::clone(&key)).or_insert_with(|| Cursor {
+            pos: head - 1,
+            connections: 0,
+            idle_since: Instant::now(),
+        });
+        cursor.connections += 1;
+        let backlog = state.next_id - 1 - cursor.pos;
+        state.offsets_dirty = true;
+        protocol::write_consumer_ok(out, &key);
+        if backlog > 0 {
+            protocol::write_notify(out, backlog);
+        } else if !conn.armed.swap(true, Ordering::Relaxed) {
+            state.armed.push((Arc::clone(conn), Arc::clone(&key)));
+        }
+        self.log.info(format_args!(
+            "connection {} registered as consumer {} at offset {}",
+            conn.id,
+            String::from_utf8_lossy(&key),
+            cursor.pos
+        ));
+        key
+    }
+
+    /// Forgets `conn` as a consumer of `key` (the cursor stays, for its TTL).
+    pub fn unregister_consumer(&self, conn: &Arc<Conn>, key: &Arc<[u8]>) {
+        let mut state = self.state();
+        if let Some(cursor) = state.cursors.get_mut(key) {
+            cursor.connections = cursor.connections.saturating_sub(1);
+            if cursor.connections == 0 {
+                cursor.idle_since = Instant::now();
+            }
+        }
+        if conn.armed.swap(false, Ordering::Relaxed) {
+            state.armed.retain(|(armed, _)| armed.id != conn.id);
+        }
+    }
+
+    /// Forgets cursors that have had no connection for the consumer TTL,
+    /// and frees the messages only they held.
+    pub fn expire_cursors(&self) {
+        let ttl = self.config.consumer_ttl;
+        let mut state = self.state();
+        let before = state.cursors.len();
+        let log = &self.log;
+        state.cursors.retain(|id, cursor| {
+            let keep = cursor.connections > 0 || cursor.idle_since.elapsed() < ttl;
+            if !keep {
+                log.info(format_args!(
+                    "consumer {} expired after {} s without a connection (offset {})",
+                    String::from_utf8_lossy(id),
+                    ttl.as_secs(),
+                    cursor.pos
+                ));
+            }
+            keep
+        });
+        if state.cursors.len() != before {
+            state.offsets_dirty = true;
+            self.release(&mut state);
+        }
+    }
+
+    /// Fsyncs the messages file if anything was written since the last
+    /// fsync (the `interval` policy's tick, and shutdown).
+    pub fn sync_now(&self) -> io::Result<()> {
+        let written = self.sync.written();
+        self.sync.sync_to(written)
+    }
+
+    /// Saves the offsets file if a cursor moved (or `force`). Under
+    /// `always` and `interval` the messages file is fsynced first, so an
+    /// offset never reaches the disk ahead of the messages it covers.
+    pub fn save_offsets(&self, force: bool) -> io::Result<()> {
+        if !force && !self.state().offsets_dirty {
+            return Ok(());
+        }
+        if self.config.fsync != FsyncPolicy::Never {
+            self.sync_now()?;
+        }
+        let synced = self.sync.synced();
+        let offsets = {
+            let mut state = self.state();
+            state.offsets_dirty = false;
+            self.snapshot(&state, synced)
+        };
+        store::save_offsets(&self.config.messages_file, &offsets).inspect_err(|_| {
+            self.state().offsets_dirty = true;
+        })
+    }
+
+    /// The offsets as they may go to disk when messages up to `synced` are
+    /// durable: NEXT_ID never runs ahead of the durable records, so ids are
+    /// never handed out twice and the file's ids stay consecutive.
+    fn snapshot(&self, state: &State, synced: u64) -> Offsets {
+        let next_id = (synced + 1).min(state.next_id);
+        let mut consumers: Vec<(Vec<u8>, u64)> =
+            state.cursors.iter().map(|(id, c)| (id.to_vec(), c.pos)).collect();
+        consumers.sort();
+        Offsets { next_id, next_consumer: state.next_consumer, head: state.head.min(next_id), consumers }
+    }
+
+    /// Rewrites the messages file down to the live records when consumed
+    /// ones dominate it (or always, with `force`, if any are consumed).
+    /// NEXT_ID reaches the offsets file before the records that prove it
+    /// are dropped.
+    pub fn compact_if_worth_it(&self, force: bool) -> io::Result<()> {
+        let mut state = self.state();
+        let len = state.file.len();
+        let dead = len.saturating_sub(state.live_bytes);
+        let worth = if force { dead > 0 } else { len >= COMPACT_MIN_BYTES && dead > state.live_bytes };
+        if !worth {
+            return Ok(());
+        }
+        let last = state.next_id - 1;
+        self.sync.sync_to(last)?;
+        store::save_offsets(&self.config.messages_file, &self.snapshot(&state, last))?;
+        let (head, next_id) = (state.head, state.next_id);
+        let guard = self.ring.lock()?;
+        let mut records = Vec::with_capacity((next_id - head) as usize);
+        for id in head..next_id {
+            let (timestamp, _) = guard.meta(id);
+            let mut content = Vec::new();
+            guard.append_content(id, &mut content);
+            records.push((id, timestamp, content));
+        }
+        guard.unlock()?;
+        state.file.rewrite(records.iter().map(|(id, ts, c)| (*id, *ts, &c[..])))?;
+        state.live_bytes = state.file.len();
+        state.offsets_dirty = false;
+        let mut sync = lock(&self.sync.state);
+        sync.file = Arc::new(state.file.sync_handle()?);
+        sync.synced = sync.synced.max(last);
+        drop(sync);
+        self.log.info(format_args!(
+            "compacted {}: {len} -> {} bytes ({} live messages)",
+            state.file.path().display(),
+            state.file.len(),
+            next_id - head
+        ));
+        Ok(())
+    }
+
+    /// Sends pushes that could not be sent at once.
+    pub fn flush_pushes<'a>(&self, conns: impl Iterator<Item = &'a Arc<Conn>>) {
+        for conn in conns {
+            conn.flush_pushes();
+        }
+    }
+
+    /// The `STATS` reply.
+    pub fn stats_line(&self, out: &mut Vec<u8>) {
+        let (held, next_id, cursors, file_len) = {
+            let state = self.state();
+            (state.next_id - state.head, state.next_id, state.cursors.len(), state.file.len())
+        };
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let text = format!(
+            "OK:STATS:messages={held} capacity={} next_id={next_id} stored={} delivered={} \
+             queue_full={} persistence_failures={} connections={} producers={} consumers={} \
+             cursors={cursors} refused_full={} idle_drops={} file_bytes={file_len} fsync={} uptime_s={}\n",
+            self.ring.capacity(),
+            load(&c.stored),
+            load(&c.delivered),
+            load(&c.queue_full),
+            load(&c.persistence_failures),
+            load(&c.connections),
+            load(&c.producers),
+            load(&c.consumers),
+            load(&c.refused_full),
+            load(&c.idle_drops),
+            self.config.fsync.name(),
+            self.started.elapsed().as_secs(),
+        );
+        out.extend_from_slice(text.as_bytes());
+    }
+
+    /// Removes the queue's shared memory and semaphores (clean shutdown).
+    pub fn remove_queue(&self) -> io::Result<()> {
+        self.ring.remove()
+    }
+
+    /// Messages held and the next id (for logs).
+    pub fn summary(&self) -> (u64, u64) {
+        let state = self.state();
+        (state.next_id - state.head, state.next_id)
+    }
+}

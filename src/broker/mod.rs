@@ -1,0 +1,356 @@
+//! The broker program: startup, the accept loop, housekeeping, signals and
+//! the clean shutdown (see docs/architecture.md for the threads and locks).
+//!
+//! Threads: the caller's thread accepts connections and hands each to the
+//! pool ([`crate::pool`]), whose `max_clients` workers serve one
+//! connection each ([`session`]); one thread waits for SIGINT/SIGTERM; one
+//! does housekeeping (fsync interval, offsets, cursor expiry, compaction,
+//! pushes left pending). Every thread is joined before [`run`] returns.
+
+mod core;
+mod recovery;
+mod session;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use self::core::{Conn, Core, CoreConfig, lock};
+use crate::config::BrokerConfig;
+use crate::log::Logger;
+use crate::pool::Pool;
+use crate::protocol::ErrorCode;
+use crate::queue::{MAX_SEND_WAIT, Ring};
+use crate::store::FsyncPolicy;
+use crate::sys::os;
+
+/// Stack of a pool worker: its frames are small and buffers live on the
+/// heap, so a small stack keeps 100 idle workers cheap.
+const WORKER_STACK: usize = 256 * 1024;
+/// How long a write to a client may block before the client is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Housekeeping period.
+const TICK: Duration = Duration::from_millis(100);
+/// Shutdown: how long clients get to take their last replies before their
+/// sockets are closed under them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// What every thread of the broker shares.
+pub(crate) struct Shared {
+    pub(crate) core: Core,
+    pub(crate) config: BrokerConfig,
+    pub(crate) conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    pub(crate) shutting_down: AtomicBool,
+    /// Connections accepted and not yet finished (queued or served).
+    pub(crate) active: AtomicUsize,
+}
+
+/// Why the broker did not start (exit status 1).
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<std::io::Error> for StartError {
+    fn from(err: std::io::Error) -> StartError {
+        StartError(err.to_string())
+    }
+}
+
+impl From<crate::queue::QueueError> for StartError {
+    fn from(err: crate::queue::QueueError) -> StartError {
+        StartError(err.to_string())
+    }
+}
+
+impl From<String> for StartError {
+    fn from(err: String) -> StartError {
+        StartError(err)
+    }
+}
+
+/// Runs the broker until SIGINT or SIGTERM. Prints `listening on ADDR` on
+/// stdout once it accepts connections.
+pub fn run(config: BrokerConfig) -> Result<(), StartError> {
+    // First, before any thread exists, so that every thread inherits it.
+    os::block_termination_signals()?;
+    os::ignore_file_size_signal();
+    let log = Arc::new(Logger::open(&config.log_file, config.log_level)?);
+    log.info(format_args!(
+        "starting broker pid {}: messages file {}, capacity {}, max message {} bytes, fsync {}",
+        os::pid(),
+        config.messages_file.display(),
+        config.capacity,
+        config.max_msg_size,
+        config.fsync.name()
+    ));
+    let result = start_and_serve(config, &log);
+    if let Err(err) = &result {
+        log.error(format_args!("{err}"));
+    }
+    result
+}
+
+fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartError> {
+    let (recovered, records) = recovery::recover(&config, log).map_err(StartError)?;
+    let ring = Ring::create(
+        config.shm_key,
+        config.sem_key,
+        config.capacity,
+        config.max_msg_size,
+        recovered.head,
+        log,
+    )?;
+    if !records.is_empty() {
+        let reserved = ring.reserve(records.len(), Instant::now())?;
+        assert_eq!(reserved, records.len(), "recovery keeps at most capacity records");
+        let mut guard = ring.lock()?;
+        for record in &records {
+            guard.push(record.timestamp, &[&record.content]);
+        }
+        guard.unlock_pushed(records.len())?;
+    }
+    drop(records);
+    let (shm_id, sem_id) = ring.ids();
+    log.info(format_args!(
+        "queue in shared memory key 0x{:x} (id {shm_id}, {} bytes), semaphores key 0x{:x} (id {sem_id})",
+        config.shm_key,
+        ring.segment_len(),
+        config.sem_key
+    ));
+    let listener = TcpListener::bind((config.bind, config.port))
+        .map_err(|err| format!("cannot listen on {}:{}: {err}", config.bind, config.port))?;
+    let address = listener.local_addr()?;
+
+    let core_config = CoreConfig {
+        messages_file: config.messages_file.clone(),
+        send_timeout: config.send_timeout.min(MAX_SEND_WAIT),
+        consumer_ttl: config.consumer_ttl,
+        fsync: config.fsync,
+    };
+    let core = Core::new(core_config, Arc::clone(log), ring, recovered)?;
+    let shared = Arc::new(Shared {
+        core,
+        config,
+        conns: Mutex::new(HashMap::new()),
+        shutting_down: AtomicBool::new(false),
+        active: AtomicUsize::new(0),
+    });
+
+    let max_clients = shared.config.max_clients;
+    let worker_shared = Arc::clone(&shared);
+    let panic_shared = Arc::clone(&shared);
+    let mut pool = Pool::new(
+        "conn",
+        max_clients,
+        WORKER_STACK,
+        max_clients,
+        move |(stream, id): (TcpStream, u64)| session::serve(&worker_shared, stream, id),
+        move |text| panic_shared.core.log.error(format_args!("a connection's worker panicked: {text}")),
+    )?;
+
+    let stop = Arc::new(Stopper::default());
+    let signals = spawn_signal_thread(&shared, &stop, listener.try_clone()?)?;
+    let housekeeping = spawn_housekeeping(&shared, &stop)?;
+
+    log.info(format_args!("listening on {address} with {} workers", pool.threads()));
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "listening on {address}");
+    let _ = stdout.flush();
+
+    accept_loop(&shared, &listener, &pool);
+
+    // Shutdown: no new connections; wake every worker blocked in a read
+    // (end of file on its socket) so it answers what it has read, says
+    // "ERROR:Shutting down" and leaves.
+    shared.shutting_down.store(true, Ordering::Release);
+    drop(listener);
+    log.info(format_args!("shutting down: {} connection(s) open", shared.active.load(Ordering::Acquire)));
+    for conn in lock(&shared.conns).values() {
+        let _ = os::shutdown_read(&conn.stream);
+    }
+    if !wait_for_idle(&shared, SHUTDOWN_GRACE) {
+        // Clients that do not read their replies: close under them.
+        for conn in lock(&shared.conns).values() {
+            let _ = os::shutdown(&conn.stream);
+        }
+        wait_for_idle(&shared, WRITE_TIMEOUT);
+    }
+    pool.shutdown();
+    stop.stop();
+    let _ = signals.join();
+    let _ = housekeeping.join();
+
+    let core = &shared.core;
+    let mut clean = true;
+    for (what, result) in [
+        ("fsync", core.sync_now()),
+        ("compaction", core.compact_if_worth_it(true)),
+        ("saving offsets", core.save_offsets(true)),
+    ] {
+        if let Err(err) = result {
+            clean = false;
+            log.error(format_args!("shutdown: {what}: {err}"));
+        }
+    }
+    let (held, next_id) = core.summary();
+    drop(pool);
+    let shared = match Arc::try_unwrap(shared) {
+        Ok(shared) => shared,
+        Err(_) => return Err(StartError("shutdown: a thread still holds the broker".into())),
+    };
+    let ring_removed = shared.core.remove_queue();
+    match ring_removed {
+        Ok(()) => log.info(format_args!(
+            "stopped cleanly: {held} message(s) held, next id {next_id}; shared memory and semaphores removed"
+        )),
+        Err(err) => {
+            clean = false;
+            log.error(format_args!("shutdown: removing IPC objects: {err}"));
+        }
+    }
+    if clean { Ok(()) } else { Err(StartError("shutdown was not clean; see the log".into())) }
+}
+
+fn accept_loop(shared: &Shared, listener: &TcpListener, pool: &Pool<(TcpStream, u64)>) {
+    let next_id = AtomicU64::new(1);
+    let max_clients = shared.config.max_clients;
+    loop {
+        let (stream, _) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                if shared.shutting_down.load(Ordering::Acquire) {
+                    return;
+                }
+                shared.core.log.warn(format_args!("accept: {err}"));
+                // Out of descriptors and the like: do not spin.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if shared.shutting_down.load(Ordering::Acquire) {
+            refuse(&stream, ErrorCode::ShuttingDown);
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        if shared.active.fetch_add(1, Ordering::AcqRel) >= max_clients {
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            shared.core.counters.refused_full.fetch_add(1, Ordering::Relaxed);
+            refuse(&stream, ErrorCode::ServerFull);
+            shared.core.log.debug(format_args!("refused a connection: {max_clients} clients served"));
+            continue;
+        }
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        if let Err((stream, _)) = pool.submit((stream, id)) {
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            refuse(&stream, ErrorCode::ServerFull);
+        }
+    }
+}
+
+/// Tells a connection we will not serve it why, without blocking.
+fn refuse(stream: &TcpStream, code: ErrorCode) {
+    let mut line = Vec::new();
+    code.write_line(&mut line);
+    let _ = os::send_nonblocking(stream, &line);
+    let _ = os::shutdown(stream);
+}
+
+/// Waits until no connection is open, at most `limit`.
+fn wait_for_idle(shared: &Shared, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while shared.active.load(Ordering::Acquire) > 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+/// A stop flag that sleeping threads can wait on.
+#[derive(Default)]
+struct Stopper {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stopper {
+    fn stop(&self) {
+        *lock(&self.stopped) = true;
+        self.wake.notify_all();
+    }
+
+    fn is_stopped(&self) -> bool {
+        *lock(&self.stopped)
+    }
+
+    /// Sleeps up to `period`; true once stopped.
+    fn sleep(&self, period: Duration) -> bool {
+        let stopped = lock(&self.stopped);
+        if *stopped {
+            return true;
+        }
+        let (stopped, _) =
+            self.wake.wait_timeout(stopped, period).unwrap_or_else(|poisoned| poisoned.into_inner());
+        *stopped
+    }
+}
+
+fn spawn_signal_thread(
+    shared: &Arc<Shared>,
+    stop: &Arc<Stopper>,
+    listener: TcpListener,
+) -> std::io::Result<JoinHandle<()>> {
+    let shared = Arc::clone(shared);
+    let stop = Arc::clone(stop);
+    std::thread::Builder::new().name("signals".into()).stack_size(64 * 1024).spawn(move || {
+        while !stop.is_stopped() {
+            if let Some(signal) = os::wait_termination(Duration::from_millis(200)) {
+                shared.core.log.info(format_args!("received {signal}"));
+                shared.shutting_down.store(true, Ordering::Release);
+                let _ = os::shutdown(&listener);
+                return;
+            }
+        }
+    })
+}
+
+fn spawn_housekeeping(shared: &Arc<Shared>, stop: &Arc<Stopper>) -> std::io::Result<JoinHandle<()>> {
+    let shared = Arc::clone(shared);
+    let stop = Arc::clone(stop);
+    std::thread::Builder::new().name("housekeeping".into()).stack_size(256 * 1024).spawn(move || {
+        let core = &shared.core;
+        let interval = shared.config.fsync_interval;
+        let mut last_sync = Instant::now();
+        let mut last_slow = Instant::now();
+        while !stop.sleep(TICK) {
+            if core.config.fsync == FsyncPolicy::Interval && last_sync.elapsed() >= interval {
+                last_sync = Instant::now();
+                if let Err(err) = core.sync_now() {
+                    core.log.error(format_args!("fsync: {err}"));
+                }
+            }
+            core.flush_pushes(lock(&shared.conns).values());
+            if last_slow.elapsed() >= Duration::from_secs(1) {
+                last_slow = Instant::now();
+                core.expire_cursors();
+                if let Err(err) = core.save_offsets(false) {
+                    core.log.error(format_args!("saving offsets: {err}"));
+                }
+                if let Err(err) = core.compact_if_worth_it(false) {
+                    core.log.error(format_args!("compaction: {err}"));
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,333 @@
+//! One client connection, served by one pool worker for its whole life:
+//! read, split into lines, answer, write, until the client quits, goes
+//! idle, breaks, or the broker shuts down.
+//!
+//! Each read is handled as a batch: consecutive `SEND`s are stored with one
+//! file write and one pair of semaphore operations, consecutive `GET`s are
+//! answered under one lock, and all replies of the batch leave in one
+//! write. Memory per connection is bounded: a fixed read buffer and a reply
+//! buffer flushed whenever it passes [`OUT_FLUSH`].
+
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::Shared;
+use super::core::{Conn, lock};
+use crate::protocol::{self, ErrorCode, Line, LineReader, Request};
+use crate::sys::os;
+
+/// Size of a connection's read buffer: many pipelined requests per read.
+pub const READ_BUFFER: usize = 64 * 1024;
+/// Replies are written out once this many bytes are waiting.
+pub const OUT_FLUSH: usize = 64 * 1024;
+/// Most messages answered by one core call, so one batch of GETs cannot
+/// build a reply buffer much past [`OUT_FLUSH`].
+const MAX_RUN_BYTES: usize = 256 * 1024;
+
+enum Role {
+    None,
+    Producer,
+    Consumer(Arc<[u8]>),
+}
+
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    ClientClosed,
+    Quit,
+    Idle,
+    Shutdown,
+    Broken,
+}
+
+/// Serves `stream` until it ends. Never panics on anything the client
+/// sends.
+pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
+    let conn = match stream.try_clone() {
+        Ok(writer) => Arc::new(Conn::new(conn_id, writer)),
+        Err(err) => {
+            shared.core.log.warn(format_args!("connection {conn_id}: {err}"));
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+    };
+    lock(&shared.conns).insert(conn_id, Arc::clone(&conn));
+    shared.core.counters.connections.fetch_add(1, Ordering::Relaxed);
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    shared.core.log.info(format_args!("connection {conn_id} from {peer}"));
+
+    let mut session = Session {
+        shared,
+        conn: Arc::clone(&conn),
+        role: Role::None,
+        reader: LineReader::new(shared.config.max_line(), READ_BUFFER),
+        lines: Vec::new(),
+        out: Vec::with_capacity(4096),
+    };
+    let end = session.run(stream);
+    session.finish(&end);
+
+    if let Role::Consumer(key) = &session.role {
+        shared.core.unregister_consumer(&conn, key);
+        shared.core.counters.consumers.fetch_sub(1, Ordering::Relaxed);
+    }
+    if let Role::Producer = session.role {
+        shared.core.counters.producers.fetch_sub(1, Ordering::Relaxed);
+    }
+    lock(&shared.conns).remove(&conn_id);
+    let _ = os::shutdown(&conn.stream);
+    shared.core.counters.connections.fetch_sub(1, Ordering::Relaxed);
+    shared.core.log.info(format_args!("connection {conn_id} closed ({end:?})"));
+    shared.active.fetch_sub(1, Ordering::AcqRel);
+}
+
+struct Session<'a> {
+    shared: &'a Shared,
+    conn: Arc<Conn>,
+    role: Role,
+    reader: LineReader,
+    lines: Vec<Line>,
+    out: Vec<u8>,
+}
+
+impl Session<'_> {
+    fn run(&mut self, mut stream: TcpStream) -> End {
+        let idle = self.shared.config.idle_timeout;
+        let mut last_line = Instant::now();
+        let mut timeout = idle;
+        if stream.set_read_timeout(Some(idle)).is_err() {
+            return End::Broken;
+        }
+        loop {
+            if self.shared.shutting_down.load(Ordering::Acquire) {
+                return End::Shutdown;
+            }
+            let n = match stream.read(self.reader.spare()) {
+                Ok(0) => {
+                    return if self.shared.shutting_down.load(Ordering::Acquire) {
+                        End::Shutdown
+                    } else {
+                        End::ClientClosed
+                    };
+                }
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err)
+                    if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                {
+                    // A read timeout: idle unless a line completed meanwhile.
+                    match idle.checked_sub(last_line.elapsed()) {
+                        Some(left) if !left.is_zero() => {
+                            timeout = set_timeout(&stream, left, timeout);
+                            continue;
+                        }
+                        _ => return End::Idle,
+                    }
+                }
+                Err(_) => return End::Broken,
+            };
+            self.reader.filled(n);
+            self.lines.clear();
+            while let Some(line) = self.reader.next_line() {
+                self.lines.push(line);
+            }
+            if self.lines.is_empty() {
+                // Part of a line: the idle clock keeps running, so a client
+                // trickling bytes without finishing a line is idle too.
+                match idle.checked_sub(last_line.elapsed()) {
+                    Some(left) if !left.is_zero() => timeout = set_timeout(&stream, left, timeout),
+                    _ => return End::Idle,
+                }
+                continue;
+            }
+            last_line = Instant::now();
+            if timeout != idle {
+                timeout = set_timeout(&stream, idle, timeout);
+            }
+            let flow = self.handle_lines();
+            if self.flush().is_err() {
+                return End::Broken;
+            }
+            if flow == Flow::Close {
+                return End::Quit;
+            }
+        }
+    }
+
+    /// Says goodbye where the protocol asks for it.
+    fn finish(&mut self, end: &End) {
+        let code = match end {
+            End::Idle => {
+                self.shared.core.counters.idle_drops.fetch_add(1, Ordering::Relaxed);
+                ErrorCode::IdleTimeout
+            }
+            End::Shutdown => ErrorCode::ShuttingDown,
+            _ => return,
+        };
+        code.write_line(&mut self.out);
+        let _ = self.flush();
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let result = self.conn.write(&self.out);
+        self.out.clear();
+        if self.out.capacity() > 4 * OUT_FLUSH {
+            self.out.shrink_to(OUT_FLUSH);
+        }
+        result
+    }
+
+    fn handle_lines(&mut self) -> Flow {
+        let lines = std::mem::take(&mut self.lines);
+        let flow = self.handle(&lines);
+        self.lines = lines;
+        flow
+    }
+
+    fn handle(&mut self, lines: &[Line]) -> Flow {
+        let max_msg_size = self.shared.config.max_msg_size;
+        let max_run = (MAX_RUN_BYTES / (max_msg_size + 32)).max(1);
+        let shared = self.shared;
+        let core = &shared.core;
+        let mut i = 0;
+        while i < lines.len() {
+            if self.out.len() >= OUT_FLUSH && self.flush().is_err() {
+                return Flow::Close;
+            }
+            let range = match &lines[i] {
+                Line::TooLong => {
+                    ErrorCode::MessageTooLarge.write_line(&mut self.out);
+                    i += 1;
+                    continue;
+                }
+                Line::Complete(range) => range.clone(),
+            };
+            let request = protocol::parse_request(self.reader.bytes(range));
+            match (&request, &self.role) {
+                (Request::Send(content), Role::Producer) => {
+                    let mut contents: Vec<&[u8]> = Vec::new();
+                    for line in &lines[i..] {
+                        let Line::Complete(range) = line else { break };
+                        let Request::Send(content) = protocol::parse_request(self.reader.bytes(range.clone()))
+                        else {
+                            break;
+                        };
+                        if protocol::check_content(content, max_msg_size).is_err() || contents.len() >= max_run {
+                            break;
+                        }
+                        contents.push(content);
+                    }
+                    if contents.is_empty() {
+                        if let Err(code) = protocol::check_content(content, max_msg_size) {
+                            code.write_line(&mut self.out);
+                        }
+                        i += 1;
+                    } else {
+                        i += contents.len();
+                        core.send_batch(&contents, &mut self.out);
+                    }
+                }
+                (Request::Get, Role::Consumer(key)) => {
+                    let count = lines[i..]
+                        .iter()
+                        .take(max_run)
+                        .take_while(|line| match line {
+                            Line::Complete(range) => self.reader.bytes(range.clone()) == b"GET",
+                            Line::TooLong => false,
+                        })
+                        .count();
+                    let key = Arc::clone(key);
+                    core.get_batch(&self.conn, &key, count, &mut self.out);
+                    i += count;
+                }
+                _ => {
+                    i += 1;
+                    let flow = handle_one(shared, &self.conn, &mut self.role, &mut self.out, request);
+                    if flow == Flow::Close {
+                        return Flow::Close;
+                    }
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+}
+
+/// Every request but a producer's SEND and a consumer's GET.
+fn handle_one(
+    shared: &Shared,
+    conn: &Arc<Conn>,
+    role: &mut Role,
+    out: &mut Vec<u8>,
+    request: Request<'_>,
+) -> Flow {
+        let core = &shared.core;
+        let registered = !matches!(role, Role::None);
+        if !registered && !request.allowed_before_registration() {
+            ErrorCode::NotRegistered.write_line(out);
+            return Flow::Continue;
+        }
+        match request {
+            Request::RegisterProducer | Request::RegisterConsumer { .. } if registered => {
+                ErrorCode::AlreadyRegistered.write_line(out);
+            }
+            Request::RegisterProducer => {
+                *role = Role::Producer;
+                core.counters.producers.fetch_add(1, Ordering::Relaxed);
+                out.extend_from_slice(b"OK:PRODUCER\n");
+                core.log.info(format_args!("connection {} registered as producer", conn.id));
+            }
+            Request::RegisterConsumer { ack: true, .. } => {
+                // Ack mode is not built yet; PROTOCOL.md allows this answer.
+                ErrorCode::InvalidRegistration.write_line(out);
+            }
+            Request::RegisterConsumer { id, ack: false } => {
+                let key = core.register_consumer(conn, id, out);
+                core.counters.consumers.fetch_add(1, Ordering::Relaxed);
+                *role = Role::Consumer(key);
+            }
+            Request::Send(_) | Request::Get | Request::Ack(_) => {
+                // A producer's SEND and a consumer's GET are handled in
+                // batches; what reaches here is the wrong role, or an ACK.
+                let code = match (&*role, request) {
+                    (Role::Consumer(_), Request::Ack(_)) => ErrorCode::UnknownMessageId,
+                    _ => ErrorCode::NotAllowed,
+                };
+                code.write_line(out);
+            }
+            Request::Heartbeat => out.extend_from_slice(b"OK:HEARTBEAT\n"),
+            Request::Stats => core.stats_line(out),
+            Request::Auth(_) => out.extend_from_slice(b"OK:AUTH\n"),
+            Request::Quit => {
+                out.extend_from_slice(b"OK:BYE\n");
+                return Flow::Close;
+            }
+            Request::Invalid(code) => code.write_line(out),
+        }
+        Flow::Continue
+}
+
+/// Sets the read timeout if it differs from `current`; returns the new one.
+fn set_timeout(stream: &TcpStream, wanted: Duration, current: Duration) -> Duration {
+    // A zero timeout means "block forever" to std, so never pass it.
+    let wanted = wanted.max(Duration::from_millis(1));
+    if wanted == current {
+        return current;
+    }
+    match stream.set_read_timeout(Some(wanted)) {
+        Ok(()) => wanted,
+        Err(_) => current,
+    }
+}

@@ -1,0 +1,305 @@
+//! The broker's command line: options, defaults (the original system's),
+//! limits on every value, and the usage text.
+//!
+//! Parsing never exits the process: it returns [`Parsed`] or a
+//! [`UsageError`] whose `Display` is the one-line message the binary prints
+//! before the usage (exit 2). Shared helpers for the clients' command lines
+//! live here too, so all three programs word their errors alike.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::log::Level;
+use crate::store::FsyncPolicy;
+
+/// A bad command line: the one-line message to print before the usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<lexopt::Error> for UsageError {
+    fn from(err: lexopt::Error) -> UsageError {
+        UsageError(err.to_string())
+    }
+}
+
+/// What a command line asks for.
+#[derive(Debug)]
+pub enum Parsed<T> {
+    Run(T),
+    Help,
+    Version,
+}
+
+/// Everything the broker is started with.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub messages_file: PathBuf,
+    pub port: u16,
+    pub bind: IpAddr,
+    pub capacity: u32,
+    pub max_msg_size: usize,
+    pub max_clients: usize,
+    pub idle_timeout: Duration,
+    pub consumer_ttl: Duration,
+    pub ack_wait: Duration,
+    pub send_timeout: Duration,
+    pub shm_key: i32,
+    pub sem_key: i32,
+    pub fsync: FsyncPolicy,
+    pub fsync_interval: Duration,
+    pub log_file: PathBuf,
+    pub log_level: Level,
+    pub repair: bool,
+}
+
+impl BrokerConfig {
+    /// The defaults, for `messages_file`.
+    pub fn new(messages_file: PathBuf) -> BrokerConfig {
+        BrokerConfig {
+            messages_file,
+            port: 8080,
+            bind: IpAddr::from([0, 0, 0, 0]),
+            capacity: 1000,
+            max_msg_size: 1024,
+            max_clients: 100,
+            idle_timeout: Duration::from_secs(300),
+            consumer_ttl: Duration::from_secs(3600),
+            ack_wait: Duration::from_secs(30),
+            send_timeout: Duration::from_millis(2000),
+            shm_key: 0x1234,
+            sem_key: 0x5678,
+            fsync: FsyncPolicy::Interval,
+            fsync_interval: Duration::from_millis(1000),
+            log_file: PathBuf::from("cola_mensajes.log"),
+            log_level: Level::Info,
+            repair: false,
+        }
+    }
+
+    /// The longest request line accepted.
+    pub fn max_line(&self) -> usize {
+        self.max_msg_size + crate::protocol::LINE_OVERHEAD
+    }
+}
+
+/// Largest queue capacity: a SysV semaphore counts to 32767 (SEMVMX).
+pub const MAX_CAPACITY: u64 = 32767;
+/// Largest message: one MiB keeps per-connection buffers and the segment
+/// within what a small board has.
+pub const MAX_MSG_SIZE: u64 = 1 << 20;
+/// Most connections at once: one pool thread each.
+pub const MAX_CLIENTS: u64 = 4096;
+
+pub const BROKER_USAGE: &str = "\
+usage: broker [OPTIONS] <messages_file>
+
+Single-host message broker: a queue in SysV shared memory, persisted to
+<messages_file> (offsets in <messages_file>.offsets), served over TCP.
+
+options:
+  -p, --port N            TCP port; 0 picks a free one        [8080]
+      --bind ADDR         address to listen on                [0.0.0.0]
+      --capacity N        messages the queue holds (1-32767)  [1000]
+      --max-msg-size N    bytes of content per message        [1024]
+      --max-clients N     connections served at once          [100]
+      --idle-timeout S    seconds without a request before a client is dropped [300]
+      --consumer-ttl S    seconds a cursor with no connection is kept [3600]
+      --ack-wait S        ack mode: seconds before redelivery [30]
+      --send-timeout MS   how long SEND waits for room in a full queue [2000]
+      --shm-key K         SysV shared memory key, decimal or 0x hex [0x1234]
+      --sem-key K         SysV semaphore key, decimal or 0x hex [0x5678]
+      --fsync POLICY      always, interval or never           [interval]
+      --fsync-interval MS for --fsync interval                [1000]
+      --log-file PATH     operations log                      [cola_mensajes.log]
+      --log-level L       error, warn, info or debug          [info]
+      --repair            start from a damaged messages file, keeping its valid records
+  -h, --help              print this help
+  -V, --version           print the version
+";
+
+/// Parses the broker's arguments (without the program name).
+pub fn parse_broker_args(
+    args: impl IntoIterator<Item = OsString>,
+) -> Result<Parsed<BrokerConfig>, UsageError> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut config = BrokerConfig::new(PathBuf::new());
+    let mut file: Option<PathBuf> = None;
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('p') | Long("port") => config.port = number(&mut parser, "--port", 0, 65535)?,
+            Long("bind") => {
+                let text = string(&mut parser, "--bind")?;
+                config.bind = text.parse().map_err(|_| {
+                    UsageError(format!("invalid value '{text}' for --bind: not an IP address"))
+                })?;
+            }
+            Long("capacity") => {
+                config.capacity = number(&mut parser, "--capacity", 1, MAX_CAPACITY)?
+            }
+            Long("max-msg-size") => {
+                config.max_msg_size = number(&mut parser, "--max-msg-size", 1, MAX_MSG_SIZE)?
+            }
+            Long("max-clients") => {
+                config.max_clients = number(&mut parser, "--max-clients", 1, MAX_CLIENTS)?
+            }
+            Long("idle-timeout") => config.idle_timeout = seconds(&mut parser, "--idle-timeout")?,
+            Long("consumer-ttl") => config.consumer_ttl = seconds(&mut parser, "--consumer-ttl")?,
+            Long("ack-wait") => config.ack_wait = seconds(&mut parser, "--ack-wait")?,
+            Long("send-timeout") => {
+                config.send_timeout =
+                    Duration::from_millis(number(&mut parser, "--send-timeout", 0, 60_000)?)
+            }
+            Long("shm-key") => config.shm_key = ipc_key(&mut parser, "--shm-key")?,
+            Long("sem-key") => config.sem_key = ipc_key(&mut parser, "--sem-key")?,
+            Long("fsync") => {
+                let text = string(&mut parser, "--fsync")?;
+                config.fsync = FsyncPolicy::from_str(&text).map_err(|()| {
+                    UsageError(format!(
+                        "invalid value '{text}' for --fsync: expected always, interval or never"
+                    ))
+                })?;
+            }
+            Long("fsync-interval") => {
+                config.fsync_interval =
+                    Duration::from_millis(number(&mut parser, "--fsync-interval", 1, 60_000)?)
+            }
+            Long("log-file") => config.log_file = parser.value()?.into(),
+            Long("log-level") => {
+                let text = string(&mut parser, "--log-level")?;
+                config.log_level = Level::from_str(&text).map_err(|()| {
+                    UsageError(format!(
+                        "invalid value '{text}' for --log-level: expected error, warn, info or debug"
+                    ))
+                })?;
+            }
+            Long("repair") => config.repair = true,
+            Short('h') | Long("help") => return Ok(Parsed::Help),
+            Short('V') | Long("version") => return Ok(Parsed::Version),
+            Value(value) if file.is_none() => file = Some(value.into()),
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let Some(file) = file else {
+        return Err(UsageError("missing <messages_file>".to_string()));
+    };
+    if file.as_os_str().is_empty() {
+        return Err(UsageError("<messages_file> is empty".to_string()));
+    }
+    config.messages_file = file;
+    Ok(Parsed::Run(config))
+}
+
+/// The option's value as UTF-8 text.
+pub fn string(parser: &mut lexopt::Parser, name: &str) -> Result<String, UsageError> {
+    parser
+        .value()?
+        .into_string()
+        .map_err(|raw| UsageError(format!("invalid value {raw:?} for {name}: not UTF-8")))
+}
+
+/// The option's value as a whole number in `min..=max`.
+pub fn number<T: TryFrom<u64>>(
+    parser: &mut lexopt::Parser,
+    name: &str,
+    min: u64,
+    max: u64,
+) -> Result<T, UsageError> {
+    let text = string(parser, name)?;
+    parse_number(&text, name, min, max)
+}
+
+/// `text` as a whole number in `min..=max`, or an error that quotes it.
+pub fn parse_number<T: TryFrom<u64>>(
+    text: &str,
+    name: &str,
+    min: u64,
+    max: u64,
+) -> Result<T, UsageError> {
+    let bad = || UsageError(format!("invalid value '{text}' for {name}: expected a whole number from {min} to {max}"));
+    let value: u64 = text.parse().map_err(|_| bad())?;
+    if value < min || value > max {
+        return Err(bad());
+    }
+    T::try_from(value).map_err(|_| bad())
+}
+
+fn seconds(parser: &mut lexopt::Parser, name: &str) -> Result<Duration, UsageError> {
+    Ok(Duration::from_secs(number(parser, name, 1, 31 * 86_400)?))
+}
+
+/// A SysV key: decimal or `0x` hex, nonzero (0 is IPC_PRIVATE), fits in 32 bits.
+fn ipc_key(parser: &mut lexopt::Parser, name: &str) -> Result<i32, UsageError> {
+    let text = string(parser, name)?;
+    parse_ipc_key(&text)
+        .ok_or_else(|| UsageError(format!("invalid value '{text}' for {name}: expected a nonzero key, decimal or 0x hex, up to 0xffffffff")))
+}
+
+/// Parses a SysV key as [`ipc_key`] accepts it.
+pub fn parse_ipc_key(text: &str) -> Option<i32> {
+    let value = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+        None => text.parse::<u32>().ok()?,
+    };
+    (value != 0).then_some(value as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Parsed<BrokerConfig>, UsageError> {
+        parse_broker_args(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn defaults_are_the_original_system_s() {
+        let Parsed::Run(config) = parse(&["msgs.dat"]).unwrap() else { panic!() };
+        assert_eq!(config.port, 8080);
+        assert_eq!(config.capacity, 1000);
+        assert_eq!(config.max_msg_size, 1024);
+        assert_eq!(config.max_clients, 100);
+        assert_eq!(config.shm_key, 0x1234);
+        assert_eq!(config.sem_key, 0x5678);
+        assert_eq!(config.log_file, PathBuf::from("cola_mensajes.log"));
+        assert_eq!(config.fsync, FsyncPolicy::Interval);
+    }
+
+    #[test]
+    fn options_and_errors() {
+        let Parsed::Run(config) =
+            parse(&["-p", "0", "--shm-key", "0x10", "--sem-key", "17", "--fsync", "always", "f"])
+                .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((config.port, config.shm_key, config.sem_key), (0, 16, 17));
+        assert_eq!(config.fsync, FsyncPolicy::Always);
+        assert!(matches!(parse(&["-h"]), Ok(Parsed::Help)));
+        assert!(matches!(parse(&["--version"]), Ok(Parsed::Version)));
+        for bad in [
+            &["--port", "70000", "f"][..],
+            &["--capacity", "0", "f"],
+            &["--capacity", "40000", "f"],
+            &["--shm-key", "0", "f"],
+            &["--fsync", "sometimes", "f"],
+            &["--bogus", "f"],
+            &["f", "g"],
+            &[],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let err = parse(&["--port", "x", "f"]).unwrap_err();
+        assert!(err.0.contains("'x'") && err.0.contains("--port"), "{err}");
+    }
+}

@@ -1,0 +1,724 @@
+//! Persistence: the messages file, the offsets file, recovery and
+//! compaction (see docs/operations.md).
+//!
+//! Messages file: one record per message, `MSG_ID:TIMESTAMP:SIZE:CONTENT\n`
+//! (the original system's format). SIZE makes a record self-delimiting: the
+//! reader trusts SIZE, then checks that the newline is exactly there.
+//! Offsets file (`<messages file>.offsets`): `NEXT_ID:`, `NEXT_CONSUMER:`,
+//! `HEAD:` and `CONSUMER:<id>:<offset>` lines, always replaced whole
+//! (temporary file, fsync, rename, fsync of the directory).
+//!
+//! Invariants: recovery never invents a record and never drops one
+//! silently: a torn tail (a record cut short, possibly followed by zeros)
+//! is reported as such, any other damage is an error that names the file
+//! and byte offset. Memory during recovery is bounded by the records kept
+//! plus one record, whatever the file's size. This module knows nothing of
+//! sockets or shared memory.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::protocol::{parse_u64, push_u64, valid_consumer_id};
+
+/// When the messages file is fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Before every `OK:MSG_ID` (one fsync covers every SEND waiting then).
+    Always,
+    /// At most every `--fsync-interval` ms, in the background.
+    Interval,
+    /// Never on the message path; the OS writes back when it likes.
+    Never,
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = ();
+    fn from_str(text: &str) -> Result<FsyncPolicy, ()> {
+        match text {
+            "always" => Ok(FsyncPolicy::Always),
+            "interval" => Ok(FsyncPolicy::Interval),
+            "never" => Ok(FsyncPolicy::Never),
+            _ => Err(()),
+        }
+    }
+}
+
+impl FsyncPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            FsyncPolicy::Always => "always",
+            FsyncPolicy::Interval => "interval",
+            FsyncPolicy::Never => "never",
+        }
+    }
+}
+
+/// Timestamps at or past this are not believed (year 5138): a damaged
+/// digit more likely than a clock that far ahead. Clocks that are behind
+/// (boards without a real-time clock start in 1970) are fine.
+const MAX_TIMESTAMP: u64 = 100_000_000_000;
+/// Digits allowed in the SIZE field; the value is checked against the
+/// maximum message size too.
+const MAX_SIZE_DIGITS: usize = 7;
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub id: u64,
+    pub timestamp: u64,
+    pub content: Vec<u8>,
+}
+
+/// Appends one record's bytes to `out`.
+pub fn encode_record(out: &mut Vec<u8>, id: u64, timestamp: u64, content: &[u8]) {
+    push_u64(out, id);
+    out.push(b':');
+    push_u64(out, timestamp);
+    out.push(b':');
+    push_u64(out, content.len() as u64);
+    out.push(b':');
+    out.extend_from_slice(content);
+    out.push(b'\n');
+}
+
+/// Bytes that [`encode_record`] writes for a record.
+pub fn record_len(id: u64, timestamp: u64, size: usize) -> u64 {
+    fn digits(mut n: u64) -> u64 {
+        let mut d = 1;
+        while n >= 10 {
+            n /= 10;
+            d += 1;
+        }
+        d
+    }
+    digits(id) + digits(timestamp) + digits(size as u64) + size as u64 + 4
+}
+
+/// What parsing the bytes at a record boundary gave.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    /// A whole record: its fields, where its content lies, its length.
+    Record { id: u64, timestamp: u64, content: (usize, usize), len: usize },
+    /// The bytes so far are a valid start of a record, and end too soon.
+    Incomplete,
+    /// Not a record: why, and at which byte of the slice it went wrong.
+    Invalid { reason: &'static str, at: usize },
+}
+
+/// Parses one record at the start of `buf`.
+fn parse_record(buf: &[u8], max_msg_size: usize) -> Parsed {
+    let mut pos = 0;
+    let mut fields = [0u64; 3];
+    let limits = [(20, "bad message id"), (20, "bad timestamp"), (MAX_SIZE_DIGITS, "bad size")];
+    for (field, (max_digits, reason)) in fields.iter_mut().zip(limits) {
+        let start = pos;
+        loop {
+            let Some(&b) = buf.get(pos) else { return Parsed::Incomplete };
+            if b == b':' && pos > start {
+                break;
+            }
+            if !b.is_ascii_digit() || pos - start >= max_digits {
+                return Parsed::Invalid { reason, at: pos };
+            }
+            pos += 1;
+        }
+        match parse_u64(&buf[start..pos]) {
+            Some(value) => *field = value,
+            None => return Parsed::Invalid { reason, at: start },
+        }
+        pos += 1;
+    }
+    let [id, timestamp, size] = fields;
+    if id == 0 {
+        return Parsed::Invalid { reason: "message id 0", at: 0 };
+    }
+    if size == 0 || size > max_msg_size as u64 {
+        return Parsed::Invalid { reason: "size out of range", at: pos - 1 };
+    }
+    let content_start = pos;
+    let newline = content_start + size as usize;
+    match buf.get(newline) {
+        None => Parsed::Incomplete,
+        Some(b'\n') => match buf[content_start..newline].iter().position(|&b| b == b'\n') {
+            Some(at) => Parsed::Invalid { reason: "newline inside content", at: content_start + at },
+            None => Parsed::Record {
+                id,
+                timestamp,
+                content: (content_start, newline),
+                len: newline + 1,
+            },
+        },
+        Some(_) => Parsed::Invalid { reason: "no newline where SIZE says the record ends", at: newline },
+    }
+}
+
+/// How a scanned messages file ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tail {
+    /// The last record ends the file.
+    Clean,
+    /// The file ends in `bytes` bytes that are the start of a record cut
+    /// short (an interrupted write), possibly followed by zeros, or only
+    /// zeros (a file system that grew the file before a crash).
+    Torn { bytes: u64 },
+    /// Something that is not a record at byte `offset` of the file.
+    Damaged { offset: u64, reason: String },
+}
+
+/// What [`scan`] found.
+#[derive(Debug)]
+pub struct Scan {
+    /// Records with `id >= keep_from`, oldest first.
+    pub kept: VecDeque<Record>,
+    /// Id of the first and last valid records, if any.
+    pub first_id: Option<u64>,
+    pub last_id: Option<u64>,
+    /// Bytes of valid records from the start of the file.
+    pub valid_len: u64,
+    /// Bytes in records with `id >= keep_from`.
+    pub kept_bytes: u64,
+    pub tail: Tail,
+}
+
+/// An error that stops a scan: I/O, or more records to keep than allowed.
+#[derive(Debug)]
+pub enum ScanError {
+    Io(io::Error),
+    TooMany { limit: usize },
+}
+
+/// Reads records from `reader` until the end or the first invalid byte,
+/// keeping those with `id >= keep_from` (at most `keep_limit`).
+pub fn scan(
+    mut reader: impl Read,
+    max_msg_size: usize,
+    keep_from: u64,
+    keep_limit: usize,
+) -> Result<Scan, ScanError> {
+    let chunk = 64 * 1024;
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk);
+    let mut start = 0usize; // first unparsed byte in buf
+    let mut file_offset = 0u64; // file offset of buf[start]
+    let mut eof = false;
+    let mut result = Scan {
+        kept: VecDeque::new(),
+        first_id: None,
+        last_id: None,
+        valid_len: 0,
+        kept_bytes: 0,
+        tail: Tail::Clean,
+    };
+    loop {
+        match parse_record(&buf[start..], max_msg_size) {
+            Parsed::Record { id, timestamp, content, len } => {
+                let bad = if timestamp >= MAX_TIMESTAMP {
+                    Some("timestamp out of range".to_string())
+                } else {
+                    match result.last_id {
+                        Some(last) if id != last + 1 => {
+                            Some(format!("message id {id} does not follow {last}"))
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some(reason) = bad {
+                    result.tail = Tail::Damaged { offset: file_offset, reason };
+                    return Ok(result);
+                }
+                if id >= keep_from {
+                    if result.kept.len() == keep_limit {
+                        return Err(ScanError::TooMany { limit: keep_limit });
+                    }
+                    let bytes = buf[start + content.0..start + content.1].to_vec();
+                    result.kept.push_back(Record { id, timestamp, content: bytes });
+                    result.kept_bytes += len as u64;
+                }
+                result.first_id.get_or_insert(id);
+                result.last_id = Some(id);
+                start += len;
+                file_offset += len as u64;
+                result.valid_len = file_offset;
+            }
+            Parsed::Incomplete if !eof => {
+                buf.drain(..start);
+                start = 0;
+                let old = buf.len();
+                buf.resize(old + chunk, 0);
+                let n = loop {
+                    match reader.read(&mut buf[old..]) {
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(ScanError::Io(e)),
+                    }
+                };
+                buf.truncate(old + n);
+                eof = n == 0;
+            }
+            Parsed::Incomplete => {
+                let rest = (buf.len() - start) as u64;
+                if rest > 0 {
+                    result.tail = Tail::Torn { bytes: rest };
+                }
+                return Ok(result);
+            }
+            Parsed::Invalid { reason, at } => {
+                // Zeros from the bad byte to the end of the file are what a
+                // crash leaves after a torn write; anything else is damage.
+                let mut zeros_only = buf[start + at..].iter().all(|&b| b == 0);
+                let mut rest = (buf.len() - start) as u64;
+                let mut spare = [0u8; 8192];
+                while zeros_only && !eof {
+                    let n = match reader.read(&mut spare) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(ScanError::Io(e)),
+                    };
+                    eof = n == 0;
+                    zeros_only = spare[..n].iter().all(|&b| b == 0);
+                    rest += n as u64;
+                }
+                result.tail = if zeros_only {
+                    Tail::Torn { bytes: rest }
+                } else {
+                    Tail::Damaged { offset: file_offset, reason: reason.to_string() }
+                };
+                return Ok(result);
+            }
+        }
+    }
+}
+
+/// The offsets file's contents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offsets {
+    /// The id the next stored message gets.
+    pub next_id: u64,
+    /// The next consumer id the broker will assign.
+    pub next_consumer: u64,
+    /// The oldest message id the queue held when saved.
+    pub head: u64,
+    /// Consumer id and the id of the last message it consumed.
+    pub consumers: Vec<(Vec<u8>, u64)>,
+}
+
+impl Offsets {
+    /// The file's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.consumers.len() * 32);
+        for (key, value) in
+            [(&b"NEXT_ID:"[..], self.next_id), (b"NEXT_CONSUMER:", self.next_consumer), (b"HEAD:", self.head)]
+        {
+            out.extend_from_slice(key);
+            push_u64(&mut out, value);
+            out.push(b'\n');
+        }
+        for (id, offset) in &self.consumers {
+            out.extend_from_slice(b"CONSUMER:");
+            out.extend_from_slice(id);
+            out.push(b':');
+            push_u64(&mut out, *offset);
+            out.push(b'\n');
+        }
+        out
+    }
+
+    /// Parses the file's bytes. A bad line is an error naming its number,
+    /// unless `skip_bad` (repair), when it is left out and reported in the
+    /// returned list of skipped line numbers.
+    pub fn decode(bytes: &[u8], skip_bad: bool) -> Result<(Offsets, Vec<usize>), String> {
+        let mut offsets = Offsets::default();
+        let mut skipped = Vec::new();
+        let text = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+        if text.is_empty() {
+            return Ok((offsets, skipped));
+        }
+        for (number, line) in text.split(|&b| b == b'\n').enumerate() {
+            let ok = if let Some(v) = line.strip_prefix(b"NEXT_ID:") {
+                parse_u64(v).map(|v| offsets.next_id = v)
+            } else if let Some(v) = line.strip_prefix(b"NEXT_CONSUMER:") {
+                parse_u64(v).map(|v| offsets.next_consumer = v)
+            } else if let Some(v) = line.strip_prefix(b"HEAD:") {
+                parse_u64(v).map(|v| offsets.head = v)
+            } else if let Some(rest) = line.strip_prefix(b"CONSUMER:") {
+                let colon = rest.iter().rposition(|&b| b == b':');
+                colon.and_then(|c| {
+                    let (id, offset) = (&rest[..c], parse_u64(&rest[c + 1..])?);
+                    valid_consumer_id(id).then(|| offsets.consumers.push((id.to_vec(), offset)))
+                })
+            } else {
+                None
+            };
+            if ok.is_none() {
+                if !skip_bad {
+                    return Err(format!(
+                        "line {}: not an offsets line: {:?}",
+                        number + 1,
+                        String::from_utf8_lossy(line)
+                    ));
+                }
+                skipped.push(number + 1);
+            }
+        }
+        Ok((offsets, skipped))
+    }
+}
+
+/// The offsets file that goes with `messages`.
+pub fn offsets_path(messages: &Path) -> PathBuf {
+    let mut name = messages.as_os_str().to_owned();
+    name.push(".offsets");
+    PathBuf::from(name)
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn context(err: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(err.kind(), format!("{what} {}: {err}", path.display()))
+}
+
+/// Fsyncs the directory that holds `path`, so a rename in it is durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| context(e, "fsync directory", dir))
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename,
+/// fsync of the directory. Readers see the old file or the new, never half.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = with_suffix(path, ".tmp");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| context(e, "create", &tmp))?;
+    file.write_all(bytes).map_err(|e| context(e, "write", &tmp))?;
+    file.sync_all().map_err(|e| context(e, "fsync", &tmp))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(|e| context(e, "rename over", path))?;
+    sync_dir(path)
+}
+
+/// Reads the offsets file, or the defaults if it does not exist.
+pub fn load_offsets(messages: &Path, skip_bad: bool) -> io::Result<(Offsets, Vec<usize>)> {
+    let path = offsets_path(messages);
+    match fs::read(&path) {
+        Ok(bytes) => Offsets::decode(&bytes, skip_bad).map_err(|reason| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {reason}", path.display()))
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((Offsets::default(), Vec::new())),
+        Err(e) => Err(context(e, "read", &path)),
+    }
+}
+
+/// Saves the offsets file atomically.
+pub fn save_offsets(messages: &Path, offsets: &Offsets) -> io::Result<()> {
+    replace_file(&offsets_path(messages), &offsets.encode())
+}
+
+/// The messages file open for appending.
+#[derive(Debug)]
+pub struct MessageFile {
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl MessageFile {
+    /// Opens (creating, mode 0600) the file and cuts it to `valid_len`,
+    /// dropping a torn tail that recovery reported.
+    pub fn open(path: &Path, valid_len: u64) -> io::Result<MessageFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| context(e, "open", path))?;
+        let actual = file.metadata().map_err(|e| context(e, "stat", path))?.len();
+        if actual != valid_len {
+            file.set_len(valid_len).map_err(|e| context(e, "truncate", path))?;
+            file.sync_all().map_err(|e| context(e, "fsync", path))?;
+        }
+        let mut message_file = MessageFile { path: path.to_path_buf(), file, len: valid_len };
+        message_file.seek_end()?;
+        Ok(message_file)
+    }
+
+    fn seek_end(&mut self) -> io::Result<()> {
+        use std::io::Seek;
+        self.file.seek(io::SeekFrom::Start(self.len)).map(drop)
+    }
+
+    /// Current length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends whole records. On failure the file is cut back to where it
+    /// was, so a half-written record never stays behind a live broker.
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self.file.write_all(bytes) {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(err) => {
+                let _ = self.file.set_len(self.len);
+                let _ = self.seek_end();
+                Err(context(err, "append to", &self.path))
+            }
+        }
+    }
+
+    /// Cuts the file back to `len` bytes after a failed store, so no record
+    /// that was not acknowledged stays behind. Best effort: if even this
+    /// fails, recovery treats the leftover as a torn tail or damage.
+    pub fn cut_back(&mut self, len: u64) {
+        if len < self.len {
+            let _ = self.file.set_len(len);
+            self.len = len;
+            let _ = self.seek_end();
+        }
+    }
+
+    /// A second handle on the same open file, for fsyncing without the
+    /// lock that guards appends.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// Fsyncs the data (fdatasync).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data().map_err(|e| context(e, "fsync", &self.path))
+    }
+
+    /// Replaces the file's contents with `records` (compaction): written to
+    /// a temporary file, fsynced, renamed over, directory fsynced. On error
+    /// the old file stays in place and in use.
+    pub fn rewrite<'a>(
+        &mut self,
+        records: impl Iterator<Item = (u64, u64, &'a [u8])>,
+    ) -> io::Result<()> {
+        let tmp = with_suffix(&self.path, ".tmp");
+        let mut bytes = Vec::new();
+        for (id, timestamp, content) in records {
+            encode_record(&mut bytes, id, timestamp, content);
+        }
+        replace_file(&self.path, &bytes).inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
+        let fresh = MessageFile::open(&self.path, bytes.len() as u64)?;
+        *self = fresh;
+        Ok(())
+    }
+}
+
+/// `--repair`: keeps the first `valid_len` bytes of `path`, after saving
+/// the whole original as `<path>.corrupt-<unix time>`. Returns that name.
+pub fn repair(path: &Path, valid_len: u64, unix_time: u64) -> io::Result<PathBuf> {
+    let saved = with_suffix(path, &format!(".corrupt-{unix_time}"));
+    fs::copy(path, &saved).map_err(|e| context(e, "copy to", &saved))?;
+    File::open(&saved).and_then(|f| f.sync_all()).map_err(|e| context(e, "fsync", &saved))?;
+    let mut prefix = Vec::with_capacity(valid_len as usize);
+    File::open(path)
+        .map_err(|e| context(e, "open", path))?
+        .take(valid_len)
+        .read_to_end(&mut prefix)
+        .map_err(|e| context(e, "read", path))?;
+    replace_file(path, &prefix)?;
+    Ok(saved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(count: u64) -> (Vec<u8>, Vec<Record>, Vec<u64>) {
+        let mut bytes = Vec::new();
+        let mut records = Vec::new();
+        let mut ends = Vec::new();
+        for id in 1..=count {
+            let content = format!("msg:{id}:{}", "x".repeat(id as usize % 5)).into_bytes();
+            encode_record(&mut bytes, id, 1_700_000_000 + id, &content);
+            assert_eq!(
+                record_len(id, 1_700_000_000 + id, content.len()),
+                (bytes.len() as u64) - ends.last().copied().unwrap_or(0)
+            );
+            ends.push(bytes.len() as u64);
+            records.push(Record { id, timestamp: 1_700_000_000 + id, content });
+        }
+        (bytes, records, ends)
+    }
+
+    fn scan_all(bytes: &[u8]) -> Scan {
+        scan(bytes, 64, 0, usize::MAX).unwrap()
+    }
+
+    #[test]
+    fn reads_back_what_it_wrote() {
+        let (bytes, records, _) = sample(20);
+        let result = scan_all(&bytes);
+        assert_eq!(result.tail, Tail::Clean);
+        assert_eq!(Vec::from(result.kept), records);
+        assert_eq!((result.first_id, result.last_id), (Some(1), Some(20)));
+        assert_eq!(result.valid_len, bytes.len() as u64);
+    }
+
+    #[test]
+    fn content_may_hold_colons_and_any_byte_but_newline() {
+        let mut bytes = Vec::new();
+        let content = b"a:b\r\x00\xff:".to_vec();
+        encode_record(&mut bytes, 5, 1, &content);
+        let result = scan_all(&bytes);
+        assert_eq!(result.kept[0].content, content);
+    }
+
+    #[test]
+    fn keeps_only_what_is_asked_and_bounds_it() {
+        let (bytes, _, _) = sample(10);
+        let result = scan(&bytes[..], 64, 7, 4).unwrap();
+        assert_eq!(result.kept.iter().map(|r| r.id).collect::<Vec<_>>(), vec![7, 8, 9, 10]);
+        assert!(matches!(scan(&bytes[..], 64, 6, 4), Err(ScanError::TooMany { limit: 4 })));
+    }
+
+    #[test]
+    fn every_cut_yields_exactly_the_whole_records_before_it() {
+        let (bytes, records, ends) = sample(12);
+        for cut in 0..=bytes.len() {
+            let whole = ends.iter().filter(|&&end| end <= cut as u64).count();
+            let valid = if whole == 0 { 0 } else { ends[whole - 1] };
+            for suffix in [&b""[..], &[0u8; 300][..]] {
+                let mut input = bytes[..cut].to_vec();
+                input.extend_from_slice(suffix);
+                let result = scan_all(&input);
+                assert_eq!(Vec::from(result.kept), records[..whole], "cut {cut}");
+                assert_eq!(result.valid_len, valid, "cut {cut}");
+                let rest = input.len() as u64 - valid;
+                let want = if rest == 0 { Tail::Clean } else { Tail::Torn { bytes: rest } };
+                assert_eq!(result.tail, want, "cut {cut} suffix {}", suffix.len());
+            }
+            // Garbage after the cut is damage at the first record it spoils.
+            let mut input = bytes[..cut].to_vec();
+            input.extend_from_slice(&[b'#'; 100]);
+            let result = scan_all(&input);
+            assert_eq!(Vec::from(result.kept), records[..whole], "cut {cut}");
+            assert!(
+                matches!(result.tail, Tail::Damaged { offset, .. } if offset == valid),
+                "cut {cut}: {:?}",
+                result.tail
+            );
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_is_reported_at_its_record() {
+        let (bytes, _, ends) = sample(12);
+        let mut reported = 0;
+        for at in 0..bytes.len() {
+            for replacement in [b'#', b'\n', b'9'] {
+                if bytes[at] == replacement {
+                    continue;
+                }
+                let mut input = bytes.clone();
+                input[at] = replacement;
+                let result = scan_all(&input);
+                // Never more records than there were, never a changed one
+                // before the damage.
+                assert!(result.kept.len() <= 12);
+                if let Tail::Damaged { offset, .. } = result.tail {
+                    // At the flipped record or, when the flip left it a
+                    // valid record (an id digit), at the one after it.
+                    let end_of_flipped = ends.iter().copied().find(|&end| end > at as u64).unwrap();
+                    assert!(offset <= end_of_flipped, "at {at}: reported at {offset}");
+                    assert!(ends.contains(&offset) || offset == 0);
+                    reported += 1;
+                }
+            }
+        }
+        assert!(reported > bytes.len(), "most flips must be caught, got {reported}");
+    }
+
+    #[test]
+    fn ids_must_follow_each_other() {
+        let mut bytes = Vec::new();
+        encode_record(&mut bytes, 3, 1, b"a");
+        let second = bytes.len() as u64;
+        encode_record(&mut bytes, 5, 1, b"b");
+        let result = scan_all(&bytes);
+        assert_eq!(result.kept.len(), 1);
+        assert!(matches!(result.tail, Tail::Damaged { offset, .. } if offset == second));
+    }
+
+    #[test]
+    fn offsets_round_trip_and_reject_bad_lines() {
+        let offsets = Offsets {
+            next_id: 42,
+            next_consumer: 7,
+            head: 30,
+            consumers: vec![(b"a".to_vec(), 31), (b"x.y-z_1".to_vec(), 41)],
+        };
+        let bytes = offsets.encode();
+        assert_eq!(Offsets::decode(&bytes, false).unwrap().0, offsets);
+        assert_eq!(Offsets::decode(b"", false).unwrap().0, Offsets::default());
+        let mut bad = bytes.clone();
+        bad.extend_from_slice(b"CONSUMER:a b:1\n");
+        assert!(Offsets::decode(&bad, false).unwrap_err().contains("line 6"));
+        let (repaired, skipped) = Offsets::decode(&bad, true).unwrap();
+        assert_eq!((repaired, skipped), (offsets, vec![6]));
+    }
+
+    #[test]
+    fn files_append_rewrite_and_repair() {
+        let dir = std::env::temp_dir().join(format!("mq-store-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("messages.dat");
+        let (bytes, records, ends) = sample(6);
+        let mut file = MessageFile::open(&path, 0).unwrap();
+        file.append(&bytes).unwrap();
+        file.sync().unwrap();
+        assert_eq!(file.len(), bytes.len() as u64);
+        file.rewrite(records[4..].iter().map(|r| (r.id, r.timestamp, &r.content[..]))).unwrap();
+        let on_disk = fs::read(&path).unwrap();
+        assert_eq!(on_disk, bytes[ends[3] as usize..]);
+        file.append(b"").unwrap();
+
+        // Damage in the middle, then repair keeps the prefix and the original.
+        let mut damaged = bytes.clone();
+        damaged[ends[2] as usize] = b'#';
+        fs::write(&path, &damaged).unwrap();
+        let result = scan(File::open(&path).unwrap(), 64, 0, 100).unwrap();
+        assert!(matches!(result.tail, Tail::Damaged { offset, .. } if offset == ends[2]));
+        let saved = repair(&path, result.valid_len, 1234).unwrap();
+        assert_eq!(fs::read(&saved).unwrap(), damaged);
+        assert_eq!(fs::read(&path).unwrap(), bytes[..ends[2] as usize]);
+
+        let offsets = Offsets { next_id: 9, ..Offsets::default() };
+        save_offsets(&path, &offsets).unwrap();
+        assert_eq!(load_offsets(&path, false).unwrap().0, offsets);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

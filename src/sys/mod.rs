@@ -1,0 +1,44 @@
+//! The only place in the crate that talks to the kernel through raw libc:
+//! SysV shared memory ([`shm`]), SysV semaphores ([`sem`]), and the few
+//! socket and signal calls std does not offer ([`os`]).
+//!
+//! Every `unsafe` block of the crate lives below this module, each under a
+//! `// SAFETY:` comment saying what was checked. The wrappers are safe to
+//! call: they turn "-1 and errno" into `io::Result` with a message that
+//! names the syscall, its arguments and what the errno means, and their
+//! `Drop`s detach or release without ever panicking. Removing a kernel
+//! object (`IPC_RMID`) is always an explicit call, never a side effect of
+//! `Drop`, because a segment outlives the process by design.
+
+pub mod os;
+pub mod sem;
+pub mod shm;
+
+use std::io;
+
+/// Turns the C convention "-1 and errno" into an `io::Result`, adding
+/// `what` (the call and its arguments) and a hint at what the errno means
+/// for this family of calls.
+fn cvt(ret: libc::c_int, what: impl FnOnce() -> String) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(annotate(io::Error::last_os_error(), what()))
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Wraps `err` with the failing call and, for the errnos that SysV IPC
+/// gives a special meaning, what it usually means in practice.
+fn annotate(err: io::Error, what: String) -> io::Error {
+    let hint = match err.raw_os_error() {
+        Some(libc::ENOSPC) => {
+            " (a kernel IPC limit was reached: see /proc/sys/kernel/shmmni, shmall, sem; not the disk)"
+        }
+        Some(libc::EINVAL) => " (size or count out of the kernel's limits, or a mismatched object)",
+        Some(libc::EACCES) => " (an object with this key belongs to another user or mode)",
+        Some(libc::EIDRM) => " (the object was removed meanwhile)",
+        Some(libc::ENOMEM) => " (the kernel is out of memory for IPC)",
+        _ => "",
+    };
+    io::Error::new(err.kind(), format!("{what}: {err}{hint}"))
+}

@@ -1,0 +1,118 @@
+//! The few process, signal and socket calls std does not offer.
+//!
+//! Signals are handled without handlers: the main thread blocks SIGINT and
+//! SIGTERM before it starts any other thread (so every thread inherits the
+//! mask), and one thread collects them with `sigtimedwait`. No code runs in
+//! signal context, so nothing here needs to be async-signal-safe.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use super::cvt;
+
+/// Whether a process with `pid` exists (it may belong to another user).
+pub fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks the pid.
+    let ret = unsafe { libc::kill(pid, 0) };
+    ret == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The id of this process.
+pub fn pid() -> i32 {
+    std::process::id() as i32
+}
+
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use;
+    // both calls only write into `set`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread and in every thread it
+/// starts afterwards, so that they wait for [`wait_termination`]. Call it
+/// first thing in `main`.
+pub fn block_termination_signals() -> io::Result<()> {
+    let set = termination_set();
+    // SAFETY: `set` is initialised; the old mask is not wanted (null).
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for SIGINT or SIGTERM (blocked beforehand with
+/// [`block_termination_signals`]) and returns the signal's name.
+pub fn wait_termination(timeout: Duration) -> Option<&'static str> {
+    let set = termination_set();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `set` and `ts` are initialised and outlive the call; the
+    // siginfo output is not wanted (null is allowed).
+    let signal = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    match signal {
+        libc::SIGINT => Some("SIGINT"),
+        libc::SIGTERM => Some("SIGTERM"),
+        _ => None,
+    }
+}
+
+/// Ignores SIGXFSZ, so that writing past a file-size limit fails with
+/// `EFBIG` (which the store reports) instead of killing the process.
+pub fn ignore_file_size_signal() {
+    // SAFETY: installing SIG_IGN for SIGXFSZ has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+/// Shuts down both directions of a socket. For a listener this wakes a
+/// thread blocked in `accept`, which std's `TcpListener` does not offer.
+pub fn shutdown(socket: &impl AsRawFd) -> io::Result<()> {
+    shutdown_how(socket, libc::SHUT_RDWR)
+}
+
+/// Shuts down the reading side of a stream: a thread blocked in `read`
+/// wakes with end of file, while writes still work.
+pub fn shutdown_read(socket: &impl AsRawFd) -> io::Result<()> {
+    shutdown_how(socket, libc::SHUT_RD)
+}
+
+fn shutdown_how(socket: &impl AsRawFd, how: libc::c_int) -> io::Result<()> {
+    let fd = socket.as_raw_fd();
+    // SAFETY: shutdown takes a descriptor the caller owns (borrowed for the call).
+    cvt(unsafe { libc::shutdown(fd, how) }, || format!("shutdown(fd={fd}, {how})")).map(drop)
+}
+
+/// Sends as much of `data` as the socket takes without blocking and
+/// returns how much that was (0 when the send buffer is full). Never
+/// raises SIGPIPE.
+pub fn send_nonblocking(socket: &impl AsRawFd, data: &[u8]) -> io::Result<usize> {
+    let fd = socket.as_raw_fd();
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    loop {
+        // SAFETY: `data` is a valid buffer of `data.len()` bytes.
+        let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), flags) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(err),
+        }
+    }
+}
