@@ -23,8 +23,10 @@
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod consumer;
 pub mod log;
 pub mod pool;
+pub mod producer;
 pub mod protocol;
 pub mod queue;
 pub mod store;

@@ -1,1 +1,91 @@
-fn main() {}
+//! `consumer`: receives messages from the broker and prints each one's
+//! content on stdout. All the work is in `mensajeria::consumer`; this
+//! parses the command line.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use mensajeria::client::Endpoint;
+use mensajeria::config::{UsageError, number, string};
+use mensajeria::consumer::{self, ConsumerOptions, DEFAULT_WINDOW};
+use mensajeria::protocol::valid_consumer_id;
+
+const USAGE: &str = "\
+usage: consumer [--id ID] [OPTIONS]
+
+Registers with the broker (resuming consumer ID's position with --id),
+then prints each message's content on stdout, one per line.
+
+options:
+      --id ID             consumer id to resume (1-64 of A-Z a-z 0-9 . _ -)
+  -c, --count N           exit after N messages
+  -t, --timeout S         exit after S seconds without a message
+  -v, --verbose           print '<id><TAB><content>' and a final count
+  -w, --window N          GETs in flight at most                   [64]
+      --host HOST         broker host  [$BROKER_HOST, $SERVER_IP or localhost]
+      --port PORT         broker port  [$BROKER_PORT, $SERVER_PORT or 8080]
+      --retries N         reconnection attempts before giving up   [no limit]
+  -h, --help              print this help
+  -V, --version           print the version
+";
+
+fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_env();
+    let (mut host, mut port) = (None, None);
+    let mut options = ConsumerOptions {
+        endpoint: Endpoint { host: String::new(), port: 0 },
+        id: None,
+        count: None,
+        timeout: None,
+        verbose: false,
+        window: DEFAULT_WINDOW,
+        retries: None,
+    };
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("id") => {
+                let id = string(&mut parser, "--id")?;
+                if !valid_consumer_id(id.as_bytes()) {
+                    return Err(UsageError(format!(
+                        "invalid value '{id}' for --id: expected 1 to 64 of A-Z a-z 0-9 . _ -"
+                    )));
+                }
+                options.id = Some(id);
+            }
+            Short('c') | Long("count") => options.count = Some(number(&mut parser, "--count", 1, u64::MAX)?),
+            Short('t') | Long("timeout") => {
+                options.timeout = Some(Duration::from_secs(number(&mut parser, "--timeout", 1, 31_536_000)?))
+            }
+            Short('v') | Long("verbose") => options.verbose = true,
+            Short('w') | Long("window") => options.window = number(&mut parser, "--window", 1, 4096)?,
+            Long("host") => host = Some(string(&mut parser, "--host")?),
+            Long("port") => port = Some(number(&mut parser, "--port", 1, 65535)?),
+            Long("retries") => options.retries = Some(number(&mut parser, "--retries", 0, u32::MAX as u64)?),
+            Short('h') | Long("help") => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            Short('V') | Long("version") => {
+                println!("consumer {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    options.endpoint = Endpoint::resolve(host, port, Some(("SERVER_IP", "SERVER_PORT")))?;
+    Ok(Some(options))
+}
+
+fn main() -> ExitCode {
+    match parse() {
+        Ok(Some(options)) => ExitCode::from(consumer::run(&options) as u8),
+        Ok(None) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("consumer: {err}\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,90 @@
-fn main() {}
+//! `producer`: sends messages to the broker, typed at a prompt, piped in,
+//! or generated (`-n COUNT -i INTERVAL_MS`). All the work is in
+//! `mensajeria::producer`; this parses the command line.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use mensajeria::client::Endpoint;
+use mensajeria::config::{UsageError, number, string};
+use mensajeria::producer::{self, DEFAULT_WINDOW, MAX_WINDOW, ProducerOptions};
+
+const USAGE: &str = "\
+usage: producer [-n COUNT] [-i INTERVAL_MS] [OPTIONS]
+
+Without -n: reads messages from stdin, one per line ('q' alone quits); at a
+terminal it prompts and prints each stored message's id. With -n: sends
+COUNT numbered messages, INTERVAL_MS apart (0: as fast as the window allows).
+
+options:
+  -n, --count COUNT       automatic mode: send COUNT messages
+  -i, --interval MS       automatic mode: pause between messages   [1000]
+  -w, --window N          messages in flight at most                [64]
+  -s, --size BYTES        automatic mode: pad each message to BYTES
+      --print-ids         print each stored message's id on stdout
+      --host HOST         broker host  [$BROKER_HOST or localhost]
+      --port PORT         broker port  [$BROKER_PORT or 8080]
+      --retries N         reconnection attempts before giving up   [no limit]
+  -h, --help              print this help
+  -V, --version           print the version
+";
+
+fn parse() -> Result<Option<ProducerOptions>, UsageError> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_env();
+    let (mut host, mut port) = (None, None);
+    let mut options = ProducerOptions {
+        endpoint: Endpoint { host: String::new(), port: 0 },
+        count: None,
+        interval: Duration::from_millis(1000),
+        window: DEFAULT_WINDOW,
+        size: 0,
+        retries: None,
+        print_ids: false,
+    };
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('n') | Long("count") => options.count = Some(number(&mut parser, "--count", 1, u64::MAX)?),
+            Short('i') | Long("interval") => {
+                options.interval = Duration::from_millis(number(&mut parser, "--interval", 0, 86_400_000)?)
+            }
+            Short('w') | Long("window") => options.window = number(&mut parser, "--window", 1, MAX_WINDOW)?,
+            Short('s') | Long("size") => {
+                options.size = number(&mut parser, "--size", 1, mensajeria::config::MAX_MSG_SIZE)?
+            }
+            Long("print-ids") => options.print_ids = true,
+            Long("host") => host = Some(string(&mut parser, "--host")?),
+            Long("port") => port = Some(number(&mut parser, "--port", 1, 65535)?),
+            Long("retries") => options.retries = Some(number(&mut parser, "--retries", 0, u32::MAX as u64)?),
+            Short('h') | Long("help") => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            Short('V') | Long("version") => {
+                println!("producer {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    options.endpoint = Endpoint::resolve(host, port, None)?;
+    Ok(Some(options))
+}
+
+fn main() -> ExitCode {
+    let options = match parse() {
+        Ok(Some(options)) => options,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("producer: {err}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let status = match options.count {
+        Some(count) => producer::run_automatic(&options, count),
+        None => producer::run_lines(&options),
+    };
+    ExitCode::from(status as u8)
+}

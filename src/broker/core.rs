@@ -69,22 +69,18 @@ impl Conn {
         }
     }
 
-    /// Writes `data` (whole replies) after any pushes still pending.
-    /// Blocks at most the socket's write timeout.
+    /// Takes the write lock. While a worker holds it, pushes to this
+    /// connection are deferred, so a NOTIFY never lands between a batch of
+    /// replies and the request that caused them.
+    pub fn writer(&self) -> Writer<'_> {
+        Writer { conn: self, pending: lock(&self.pending) }
+    }
+
+    /// Writes `data` (whole lines) under the write lock.
     pub fn write(&self, data: &[u8]) -> io::Result<()> {
-        let mut pending = lock(&self.pending);
-        if !pending.is_empty() {
-            (&self.stream).write_all(&pending)?;
-            pending.clear();
-        }
-        (&self.stream).write_all(data)?;
-        let count = self.deferred_notify.swap(0, Ordering::AcqRel);
-        if count > 0 {
-            let mut line = Vec::with_capacity(48);
-            protocol::write_notify(&mut line, count);
-            (&self.stream).write_all(&line)?;
-        }
-        Ok(())
+        let mut writer = self.writer();
+        writer.write(data)?;
+        writer.finish()
     }
 
     /// Pushes `NOTIFY:MESSAGES_AVAILABLE:<count>` without ever blocking:
@@ -118,6 +114,36 @@ impl Conn {
                 pending.drain(..sent);
             }
         }
+    }
+}
+
+/// The write lock of a connection, held by its worker for a whole batch.
+pub struct Writer<'a> {
+    conn: &'a Conn,
+    pending: MutexGuard<'a, Vec<u8>>,
+}
+
+impl Writer<'_> {
+    /// Writes `data` after any pushes still pending. Blocks at most the
+    /// socket's write timeout.
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        let mut stream = &self.conn.stream;
+        if !self.pending.is_empty() {
+            stream.write_all(&self.pending)?;
+            self.pending.clear();
+        }
+        stream.write_all(data)
+    }
+
+    /// Sends the NOTIFY deferred while the lock was held, then unlocks.
+    pub fn finish(mut self) -> io::Result<()> {
+        let count = self.conn.deferred_notify.swap(0, Ordering::AcqRel);
+        if count > 0 {
+            let mut line = Vec::with_capacity(48);
+            protocol::write_notify(&mut line, count);
+            self.write(&line)?;
+        }
+        Ok(())
     }
 }
 

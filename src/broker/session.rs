@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::Shared;
-use super::core::{Conn, lock};
+use super::core::{Conn, Writer, lock};
 use crate::protocol::{self, ErrorCode, Line, LineReader, Request};
 use crate::sys::os;
 
@@ -152,8 +152,13 @@ impl Session<'_> {
             if timeout != idle {
                 timeout = set_timeout(&stream, idle, timeout);
             }
-            let flow = self.handle_lines();
-            if self.flush().is_err() {
+            let conn = Arc::clone(&self.conn);
+            let mut writer = conn.writer();
+            let lines = std::mem::take(&mut self.lines);
+            let flow = self.handle(&lines, &mut writer);
+            self.lines = lines;
+            let written = self.flush(&mut writer).and_then(|()| writer.finish());
+            if written.is_err() {
                 return End::Broken;
             }
             if flow == Flow::Close {
@@ -173,14 +178,14 @@ impl Session<'_> {
             _ => return,
         };
         code.write_line(&mut self.out);
-        let _ = self.flush();
+        let _ = self.conn.write(&self.out);
     }
 
-    fn flush(&mut self) -> io::Result<()> {
+    fn flush(&mut self, writer: &mut Writer<'_>) -> io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let result = self.conn.write(&self.out);
+        let result = writer.write(&self.out);
         self.out.clear();
         if self.out.capacity() > 4 * OUT_FLUSH {
             self.out.shrink_to(OUT_FLUSH);
@@ -188,21 +193,14 @@ impl Session<'_> {
         result
     }
 
-    fn handle_lines(&mut self) -> Flow {
-        let lines = std::mem::take(&mut self.lines);
-        let flow = self.handle(&lines);
-        self.lines = lines;
-        flow
-    }
-
-    fn handle(&mut self, lines: &[Line]) -> Flow {
+    fn handle(&mut self, lines: &[Line], writer: &mut Writer<'_>) -> Flow {
         let max_msg_size = self.shared.config.max_msg_size;
         let max_run = (MAX_RUN_BYTES / (max_msg_size + 32)).max(1);
         let shared = self.shared;
         let core = &shared.core;
         let mut i = 0;
         while i < lines.len() {
-            if self.out.len() >= OUT_FLUSH && self.flush().is_err() {
+            if self.out.len() >= OUT_FLUSH && self.flush(writer).is_err() {
                 return Flow::Close;
             }
             let range = match &lines[i] {

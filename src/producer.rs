@@ -1,0 +1,446 @@
+//! The producer program: interactive (a prompt, one message per line, `q`
+//! quits), piped (`cat file | producer`) or automatic (`-n COUNT -i MS`).
+//!
+//! Every message stays in memory until the broker acknowledges it with
+//! `OK:MSG_ID`; on a lost connection the producer reconnects with backoff,
+//! registers again and resends what was not acknowledged (at least once: a
+//! resent message may be stored twice). `ERROR:Queue full` and
+//! `ERROR:Persistence failure` are retried after a backoff, never dropped.
+//! Memory is bounded by the window of messages in flight and the bounded
+//! channel from the stdin reader.
+
+use std::collections::VecDeque;
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use crate::client::{Backoff, ClientError, Connection, Endpoint, HEARTBEAT_EVERY, REPLY_TIMEOUT, connect_with_retry};
+use crate::protocol::{self, ErrorCode, Reply};
+
+/// What the command line asked for.
+#[derive(Debug, Clone)]
+pub struct ProducerOptions {
+    pub endpoint: Endpoint,
+    /// Automatic mode: how many messages.
+    pub count: Option<u64>,
+    /// Automatic mode: pause between messages (zero: as fast as the window allows).
+    pub interval: Duration,
+    /// Messages in flight at most.
+    pub window: usize,
+    /// Automatic mode: pad contents to this many bytes.
+    pub size: usize,
+    /// Reconnection attempts before giving up (`None`: forever).
+    pub retries: Option<u32>,
+    /// Print each acknowledged message's id on stdout.
+    pub print_ids: bool,
+}
+
+/// Default number of messages in flight.
+pub const DEFAULT_WINDOW: usize = 64;
+/// Largest window accepted.
+pub const MAX_WINDOW: u64 = 4096;
+/// Lines the stdin reader may read ahead of the sender.
+const STDIN_AHEAD: usize = 1024;
+
+#[derive(Debug)]
+struct Message {
+    seq: u64,
+    content: Vec<u8>,
+    sent_at: Instant,
+}
+
+#[derive(Debug)]
+enum InFlight {
+    Message(Message),
+    Heartbeat,
+}
+
+/// What happened to a message.
+#[derive(Debug)]
+pub enum Event {
+    Acked { seq: u64, id: u64, latency: Duration },
+    Rejected { seq: u64, error: String },
+}
+
+/// Sends messages over a connection that it keeps alive.
+pub struct Sender {
+    endpoint: Endpoint,
+    backoff: Backoff,
+    conn: Option<Connection>,
+    waiting: VecDeque<Message>,
+    in_flight: VecDeque<InFlight>,
+    window: usize,
+    /// Queue full or persistence failure: do not send before this.
+    retry_at: Option<Instant>,
+    retry_backoff: Backoff,
+    last_traffic: Instant,
+    last_reply: Instant,
+    pub sent: u64,
+    pub acked: u64,
+    pub errors: u64,
+    pub resent: u64,
+}
+
+impl Sender {
+    pub fn new(endpoint: Endpoint, window: usize, retries: Option<u32>) -> Sender {
+        Sender {
+            endpoint,
+            backoff: Backoff::new(retries),
+            conn: None,
+            waiting: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            window: window.max(1),
+            retry_at: None,
+            retry_backoff: Backoff::new(None),
+            last_traffic: Instant::now(),
+            last_reply: Instant::now(),
+            sent: 0,
+            acked: 0,
+            errors: 0,
+            resent: 0,
+        }
+    }
+
+    /// Queues a message for sending.
+    pub fn push(&mut self, seq: u64, content: Vec<u8>) {
+        self.waiting.push_back(Message { seq, content, sent_at: Instant::now() });
+    }
+
+    /// Messages queued or in flight.
+    pub fn pending(&self) -> usize {
+        self.waiting.len() + self.in_flight.iter().filter(|f| matches!(f, InFlight::Message(_))).count()
+    }
+
+    /// Whether another message would be sent at once.
+    pub fn has_room(&self) -> bool {
+        self.pending() < self.window
+    }
+
+    /// Connects (first time or after a loss), registering as a producer.
+    fn ensure_connected(&mut self) -> Result<&mut Connection, ClientError> {
+        if self.conn.is_none() {
+            let (conn, ()) = connect_with_retry("producer", &self.endpoint, &mut self.backoff, |conn| {
+                conn.register_producer()
+            })?;
+            self.conn = Some(conn);
+            self.last_traffic = Instant::now();
+            self.last_reply = Instant::now();
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// The connection broke: what was in flight goes back to the front of
+    /// the queue, to be resent after reconnecting.
+    fn lose_connection(&mut self, why: &str) {
+        if self.conn.take().is_some() {
+            eprintln!("producer: lost the connection to {} ({why}); reconnecting", self.endpoint);
+        }
+        while let Some(item) = self.in_flight.pop_back() {
+            if let InFlight::Message(message) = item {
+                self.resent += 1;
+                self.waiting.push_front(message);
+            }
+        }
+    }
+
+    /// Sends what the window allows, then handles replies until `deadline`
+    /// or until something happened. Returns what happened to messages.
+    pub fn step(&mut self, deadline: Instant, events: &mut Vec<Event>) -> Result<(), ClientError> {
+        if let Err(err) = self.ensure_connected() {
+            return Err(err);
+        }
+        let now = Instant::now();
+        let may_send = self.retry_at.is_none_or(|at| now >= at);
+        let conn = self.conn.as_mut().expect("connected");
+        let mut in_flight_messages =
+            self.in_flight.iter().filter(|f| matches!(f, InFlight::Message(_))).count();
+        if may_send {
+            self.retry_at = None;
+            while in_flight_messages < self.window {
+                let Some(mut message) = self.waiting.pop_front() else { break };
+                conn.out.extend_from_slice(b"SEND:");
+                conn.out.extend_from_slice(&message.content);
+                conn.out.push(b'\n');
+                message.sent_at = now;
+                self.in_flight.push_back(InFlight::Message(message));
+                self.sent += 1;
+                in_flight_messages += 1;
+            }
+        }
+        if self.in_flight.is_empty() && now.duration_since(self.last_traffic) >= HEARTBEAT_EVERY {
+            conn.queue_heartbeat();
+            self.in_flight.push_back(InFlight::Heartbeat);
+        }
+        if !conn.out.is_empty() {
+            self.last_traffic = now;
+            if let Err(err) = conn.flush() {
+                self.lose_connection(&err.to_string());
+                return Ok(());
+            }
+        }
+        if self.in_flight.is_empty() {
+            // Nothing to wait for: sleep until the deadline, watching the
+            // connection for a close or an unsolicited error.
+            let deadline = deadline.min(self.last_traffic + HEARTBEAT_EVERY);
+            return self.read_replies(deadline, events);
+        }
+        let deadline = match self.retry_at {
+            Some(at) => deadline.min(at),
+            None => deadline,
+        };
+        self.read_replies(deadline, events)
+    }
+
+    fn read_replies(&mut self, deadline: Instant, events: &mut Vec<Event>) -> Result<(), ClientError> {
+        let mut wait_until = deadline;
+        loop {
+            let Some(conn) = self.conn.as_mut() else { return Ok(()) };
+            let line = match conn.read_line(wait_until) {
+                Ok(Some(line)) => line,
+                Ok(None) => {
+                    if !self.in_flight.is_empty() && self.last_reply.elapsed() >= REPLY_TIMEOUT {
+                        self.lose_connection("no reply in time");
+                    }
+                    return Ok(());
+                }
+                Err(err) => {
+                    self.lose_connection(&err.to_string());
+                    return Ok(());
+                }
+            };
+            self.last_reply = Instant::now();
+            // After the first line, only take what is already there.
+            wait_until = Instant::now();
+            match protocol::parse_reply(&line) {
+                Reply::Notify(_) => continue,
+                Reply::Error(Some(ErrorCode::ShuttingDown | ErrorCode::IdleTimeout), text) => {
+                    let why = String::from_utf8_lossy(text).into_owned();
+                    self.lose_connection(&why);
+                    return Ok(());
+                }
+                reply => self.handle_reply(reply, &line, events),
+            }
+        }
+    }
+
+    fn handle_reply(&mut self, reply: Reply<'_>, line: &[u8], events: &mut Vec<Event>) {
+        let Some(front) = self.in_flight.pop_front() else {
+            eprintln!("producer: unexpected line from the broker: {}", String::from_utf8_lossy(line));
+            return;
+        };
+        let message = match front {
+            InFlight::Heartbeat => return,
+            InFlight::Message(message) => message,
+        };
+        match reply {
+            Reply::MsgId(id) => {
+                self.acked += 1;
+                self.retry_backoff.reset();
+                events.push(Event::Acked { seq: message.seq, id, latency: message.sent_at.elapsed() });
+            }
+            Reply::Error(Some(ErrorCode::QueueFull | ErrorCode::PersistenceFailure), text) => {
+                // Keep it, first in line, and back off before sending again.
+                let wait = self.retry_backoff.next_wait().unwrap_or(Backoff::MAX);
+                if self.retry_backoff.attempts() == 1 || self.retry_backoff.attempts() % 10 == 0 {
+                    eprintln!(
+                        "producer: broker said ERROR:{}; retrying in {} ms",
+                        String::from_utf8_lossy(text),
+                        wait.as_millis()
+                    );
+                }
+                self.requeue_from(message);
+                self.retry_at = Some(Instant::now() + wait);
+            }
+            Reply::Error(_, text) => {
+                self.errors += 1;
+                let error = String::from_utf8_lossy(text).into_owned();
+                events.push(Event::Rejected { seq: message.seq, error });
+            }
+            _ => {
+                self.errors += 1;
+                let error = format!("unexpected reply {}", String::from_utf8_lossy(line));
+                events.push(Event::Rejected { seq: message.seq, error });
+            }
+        }
+    }
+
+    /// Puts `message` back at the front of the queue. Messages sent after
+    /// it stay in flight: their replies are still coming.
+    fn requeue_from(&mut self, message: Message) {
+        self.waiting.push_front(message);
+    }
+
+    /// Says goodbye to the broker.
+    pub fn close(mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.quit();
+        }
+    }
+}
+
+/// The final line on stderr.
+fn summary(sender: &Sender, started: Instant) {
+    let elapsed = started.elapsed().as_secs_f64();
+    let rate = if elapsed > 0.0 { sender.acked as f64 / elapsed } else { 0.0 };
+    eprintln!(
+        "producer: sent {}, acknowledged {}, errors {}, resent {}, elapsed {elapsed:.3} s, {rate:.0} msgs/s",
+        sender.sent, sender.acked, sender.errors, sender.resent
+    );
+}
+
+fn report(events: &mut Vec<Event>, print_ids: bool, out: &mut impl Write) -> io::Result<()> {
+    for event in events.drain(..) {
+        match event {
+            Event::Acked { seq, id, .. } => {
+                if print_ids {
+                    writeln!(out, "message {seq} stored with id {id}")?;
+                }
+            }
+            Event::Rejected { seq, error } => eprintln!("producer: message {seq} rejected: {error}"),
+        }
+    }
+    out.flush()
+}
+
+/// Automatic mode: `count` numbered messages, `interval` apart.
+pub fn run_automatic(options: &ProducerOptions, count: u64) -> i32 {
+    let started = Instant::now();
+    let mut sender = Sender::new(options.endpoint.clone(), options.window, options.retries);
+    let mut events = Vec::new();
+    let mut stdout = io::stdout().lock();
+    let mut next = 1u64;
+    let mut next_at = Instant::now();
+    while next <= count || sender.pending() > 0 {
+        let now = Instant::now();
+        while next <= count && sender.has_room() && now >= next_at {
+            sender.push(next, numbered_content(next, options.size));
+            next += 1;
+            if !options.interval.is_zero() {
+                next_at += options.interval;
+                break;
+            }
+        }
+        let deadline = if next <= count && !options.interval.is_zero() {
+            next_at.max(now)
+        } else {
+            now + Duration::from_millis(200)
+        };
+        if let Err(err) = sender.step(deadline, &mut events) {
+            eprintln!("producer: giving up: {err}");
+            summary(&sender, started);
+            return 1;
+        }
+        if report(&mut events, options.print_ids, &mut stdout).is_err() {
+            return 1;
+        }
+    }
+    summary(&sender, started);
+    let ok = sender.acked == count && sender.errors == 0;
+    sender.close();
+    if ok { 0 } else { 1 }
+}
+
+/// `msg-<n>` with `n` zero-padded, then dots up to `size` bytes.
+pub fn numbered_content(n: u64, size: usize) -> Vec<u8> {
+    let mut content = format!("msg-{n:08}").into_bytes();
+    if content.len() < size {
+        content.resize(size, b'.');
+    }
+    content
+}
+
+enum Input {
+    Line(Vec<u8>),
+    End,
+}
+
+/// Interactive or piped mode: one message per line of stdin.
+pub fn run_lines(options: &ProducerOptions) -> i32 {
+    let started = Instant::now();
+    let terminal = io::stdin().is_terminal();
+    let (tx, rx) = mpsc::sync_channel::<Input>(STDIN_AHEAD);
+    // The reader thread ends at end of input or `q`; the main thread never
+    // blocks on stdin, so it can heartbeat while a person thinks. It is
+    // not joined: it may be blocked in a read of the terminal when `q` or
+    // a failure ends the program.
+    let reader = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let stdin = io::stdin();
+        let mut input = stdin.lock();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match input.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            if line == b"q" {
+                break;
+            }
+            if tx.send(Input::Line(line.clone())).is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Input::End);
+    });
+    if let Err(err) = reader {
+        eprintln!("producer: cannot start the stdin reader: {err}");
+        return 1;
+    }
+    let window = if terminal { 1 } else { options.window };
+    let mut sender = Sender::new(options.endpoint.clone(), window, options.retries);
+    let mut events = Vec::new();
+    let mut stdout = io::stdout().lock();
+    let mut seq = 0u64;
+    let mut input_done = false;
+    let mut prompted = false;
+    if terminal {
+        eprintln!("producer: one message per line; 'q' on its own line quits");
+    }
+    loop {
+        if terminal && !prompted && sender.pending() == 0 && !input_done {
+            let _ = write!(stdout, "> ");
+            let _ = stdout.flush();
+            prompted = true;
+        }
+        // Take input while the window has room.
+        while !input_done && sender.has_room() {
+            let wait = if sender.pending() == 0 { Duration::from_millis(200) } else { Duration::ZERO };
+            match rx.recv_timeout(wait) {
+                Ok(Input::Line(line)) => {
+                    prompted = false;
+                    if line.is_empty() {
+                        continue;
+                    }
+                    seq += 1;
+                    sender.push(seq, line);
+                }
+                Ok(Input::End) | Err(RecvTimeoutError::Disconnected) => input_done = true,
+                Err(RecvTimeoutError::Timeout) => break,
+            }
+        }
+        if input_done && sender.pending() == 0 {
+            break;
+        }
+        let deadline = Instant::now() + Duration::from_millis(if sender.pending() > 0 { 200 } else { 0 });
+        if let Err(err) = sender.step(deadline, &mut events) {
+            eprintln!("producer: giving up: {err}");
+            summary(&sender, started);
+            return 1;
+        }
+        if report(&mut events, terminal || options.print_ids, &mut stdout).is_err() {
+            return 1;
+        }
+    }
+    if !terminal {
+        summary(&sender, started);
+    }
+    let ok = sender.acked == seq && sender.errors == 0;
+    sender.close();
+    if ok { 0 } else { 1 }
+}
