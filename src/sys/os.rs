@@ -69,6 +69,14 @@ pub fn wait_termination(timeout: Duration) -> Option<&'static str> {
     }
 }
 
+/// Sends SIGTERM (or SIGINT with `interrupt`) to process `pid`: how a
+/// supervisor or a test asks a broker to stop cleanly.
+pub fn request_stop(pid: u32, interrupt: bool) -> io::Result<()> {
+    let signal = if interrupt { libc::SIGINT } else { libc::SIGTERM };
+    // SAFETY: kill takes plain integers; a wrong pid fails with ESRCH.
+    cvt(unsafe { libc::kill(pid as libc::pid_t, signal) }, || format!("kill({pid}, {signal})")).map(drop)
+}
+
 /// Ignores SIGXFSZ, so that writing past a file-size limit fails with
 /// `EFBIG` (which the store reports) instead of killing the process.
 pub fn ignore_file_size_signal() {

@@ -1,0 +1,11 @@
+//! Integration tests: the real binaries over real sockets, real shared
+//! memory and real files. One test crate (one link), one module per area.
+
+mod util;
+
+mod broker_cli;
+mod broker_protocol;
+mod broker_ipc;
+mod broker_limits;
+mod broker_persistence;
+mod clients;
