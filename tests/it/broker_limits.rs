@@ -203,11 +203,11 @@ fn a_client_that_stops_reading_blocks_nobody_else() {
     for n in 1..=2000 {
         assert_eq!(p.line(), format!("OK:MSG_ID:{n}"));
     }
+    let mut other = broker.consumer("other");
     // "stuck" asks for 2 MB of replies and never reads them.
     let mut stuck = broker.consumer("stuck");
     stuck.send_bytes("GET\n".repeat(2000).as_bytes());
     // Everyone else is served meanwhile: other consumers, producers, STATS.
-    let mut other = broker.consumer("other");
     for n in 1..=50 {
         other.send("GET");
         assert_eq!(other.reply(), format!("MSG:{n}:{body}"));
