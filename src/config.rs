@@ -141,7 +141,9 @@ pub fn parse_broker_args(
             Long("bind") => {
                 let text = string(&mut parser, "--bind")?;
                 config.bind = text.parse().map_err(|_| {
-                    UsageError(format!("invalid value '{text}' for --bind: not an IP address"))
+                    UsageError(format!(
+                        "invalid value '{text}' for --bind: not an IP address"
+                    ))
                 })?;
             }
             Long("capacity") => {
@@ -226,7 +228,11 @@ pub fn parse_number<T: TryFrom<u64>>(
     min: u64,
     max: u64,
 ) -> Result<T, UsageError> {
-    let bad = || UsageError(format!("invalid value '{text}' for {name}: expected a whole number from {min} to {max}"));
+    let bad = || {
+        UsageError(format!(
+            "invalid value '{text}' for {name}: expected a whole number from {min} to {max}"
+        ))
+    };
     let value: u64 = text.parse().map_err(|_| bad())?;
     if value < min || value > max {
         return Err(bad());
@@ -264,7 +270,9 @@ mod tests {
 
     #[test]
     fn defaults_are_the_original_system_s() {
-        let Parsed::Run(config) = parse(&["msgs.dat"]).unwrap() else { panic!() };
+        let Parsed::Run(config) = parse(&["msgs.dat"]).unwrap() else {
+            panic!()
+        };
         assert_eq!(config.port, 8080);
         assert_eq!(config.capacity, 1000);
         assert_eq!(config.max_msg_size, 1024);
@@ -277,10 +285,18 @@ mod tests {
 
     #[test]
     fn options_and_errors() {
-        let Parsed::Run(config) =
-            parse(&["-p", "0", "--shm-key", "0x10", "--sem-key", "17", "--fsync", "always", "f"])
-                .unwrap()
-        else {
+        let Parsed::Run(config) = parse(&[
+            "-p",
+            "0",
+            "--shm-key",
+            "0x10",
+            "--sem-key",
+            "17",
+            "--fsync",
+            "always",
+            "f",
+        ])
+        .unwrap() else {
             panic!()
         };
         assert_eq!((config.port, config.shm_key, config.sem_key), (0, 16, 17));

@@ -63,8 +63,13 @@ impl Logger {
             .append(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("open log file {}: {e}", path.display())))?;
-        Ok(Logger { level, file: Some(Mutex::new(file)) })
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("open log file {}: {e}", path.display()))
+            })?;
+        Ok(Logger {
+            level,
+            file: Some(Mutex::new(file)),
+        })
     }
 
     /// A logger that writes warnings and errors to stderr only.
@@ -81,7 +86,12 @@ impl Logger {
         if !self.enabled(level) {
             return;
         }
-        let line = format!("{} {} {}\n", utc_timestamp(SystemTime::now()), level.name(), message);
+        let line = format!(
+            "{} {} {}\n",
+            utc_timestamp(SystemTime::now()),
+            level.name(),
+            message
+        );
         if level <= Level::Warn {
             let _ = io::stderr().write_all(line.as_bytes());
         }
@@ -107,7 +117,10 @@ impl Logger {
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for `time`, computed by hand (no time crate).
 pub fn utc_timestamp(time: SystemTime) -> String {
-    let secs = time.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rest) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
     format!(

@@ -41,12 +41,19 @@ impl<T: Send + 'static> Pool<T> {
         on_panic: impl Fn(String) + Send + Sync + 'static,
     ) -> std::io::Result<Pool<T>> {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { tasks: VecDeque::with_capacity(queue_limit), closed: false }),
+            queue: Mutex::new(Queue {
+                tasks: VecDeque::with_capacity(queue_limit),
+                closed: false,
+            }),
             ready: Condvar::new(),
         });
         let work = Arc::new(work);
         let on_panic = Arc::new(on_panic);
-        let mut pool = Pool { shared, workers: Vec::with_capacity(threads), queue_limit };
+        let mut pool = Pool {
+            shared,
+            workers: Vec::with_capacity(threads),
+            queue_limit,
+        };
         for index in 0..threads {
             let shared = Arc::clone(&pool.shared);
             let work = Arc::clone(&work);
@@ -101,7 +108,9 @@ impl<T: Send + 'static> Drop for Pool<T> {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn worker<T>(shared: &Shared<T>, work: &(dyn Fn(T) + Sync), on_panic: &(dyn Fn(String) + Sync)) {
@@ -115,7 +124,10 @@ fn worker<T>(shared: &Shared<T>, work: &(dyn Fn(T) + Sync), on_panic: &(dyn Fn(S
                 if queue.closed {
                     return;
                 }
-                queue = shared.ready.wait(queue).unwrap_or_else(|poisoned| poisoned.into_inner());
+                queue = shared
+                    .ready
+                    .wait(queue)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
             }
         };
         if let Err(payload) = catch_unwind(AssertUnwindSafe(|| work(task))) {

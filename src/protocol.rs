@@ -84,7 +84,9 @@ impl ErrorCode {
 
     /// The code whose text is `text`, for clients reading replies.
     pub fn from_text(text: &[u8]) -> Option<ErrorCode> {
-        ErrorCode::ALL.into_iter().find(|code| code.text().as_bytes() == text)
+        ErrorCode::ALL
+            .into_iter()
+            .find(|code| code.text().as_bytes() == text)
     }
 }
 
@@ -159,14 +161,23 @@ fn parse_registration(rest: &[u8]) -> Request<'_> {
     let invalid = Request::Invalid(ErrorCode::InvalidRegistration);
     match rest {
         b":PRODUCER" => Request::RegisterProducer,
-        b":CONSUMER" => Request::RegisterConsumer { id: None, ack: false },
+        b":CONSUMER" => Request::RegisterConsumer {
+            id: None,
+            ack: false,
+        },
         _ => {
-            let Some(tail) = rest.strip_prefix(b":CONSUMER:") else { return invalid };
+            let Some(tail) = rest.strip_prefix(b":CONSUMER:") else {
+                return invalid;
+            };
             let (id, ack) = match tail.strip_suffix(b":ACK") {
                 Some(id) => (id, true),
                 None => (tail, false),
             };
-            if valid_consumer_id(id) { Request::RegisterConsumer { id: Some(id), ack } } else { invalid }
+            if valid_consumer_id(id) {
+                Request::RegisterConsumer { id: Some(id), ack }
+            } else {
+                invalid
+            }
         }
     }
 }
@@ -174,7 +185,9 @@ fn parse_registration(rest: &[u8]) -> Request<'_> {
 /// A consumer id is 1 to 64 bytes of `A-Z a-z 0-9 . _ -`.
 pub fn valid_consumer_id(id: &[u8]) -> bool {
     (1..=MAX_CONSUMER_ID).contains(&id.len())
-        && id.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Checks a `SEND` content against the message size limit.
@@ -250,7 +263,10 @@ pub fn write_consumer_ok(out: &mut Vec<u8>, id: &[u8]) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply<'a> {
     MsgId(u64),
-    Msg { id: u64, content: &'a [u8] },
+    Msg {
+        id: u64,
+        content: &'a [u8],
+    },
     Notify(u64),
     Error(Option<ErrorCode>, &'a [u8]),
     /// Any other `OK:` reply; the bytes after `OK:`.
@@ -261,23 +277,26 @@ pub enum Reply<'a> {
 
 /// Parses one line the broker sent.
 pub fn parse_reply(line: &[u8]) -> Reply<'_> {
-    if let Some(id) = line.strip_prefix(b"OK:MSG_ID:") {
-        if let Some(id) = parse_u64(id) {
-            return Reply::MsgId(id);
-        }
+    if let Some(id) = line.strip_prefix(b"OK:MSG_ID:")
+        && let Some(id) = parse_u64(id)
+    {
+        return Reply::MsgId(id);
     }
     if let Some(rest) = line.strip_prefix(b"MSG:") {
-        if let Some(colon) = rest.iter().position(|&b| b == b':') {
-            if let Some(id) = parse_u64(&rest[..colon]) {
-                return Reply::Msg { id, content: &rest[colon + 1..] };
-            }
+        if let Some(colon) = rest.iter().position(|&b| b == b':')
+            && let Some(id) = parse_u64(&rest[..colon])
+        {
+            return Reply::Msg {
+                id,
+                content: &rest[colon + 1..],
+            };
         }
         return Reply::Other(line);
     }
-    if let Some(count) = line.strip_prefix(b"NOTIFY:MESSAGES_AVAILABLE:") {
-        if let Some(count) = parse_u64(count) {
-            return Reply::Notify(count);
-        }
+    if let Some(count) = line.strip_prefix(b"NOTIFY:MESSAGES_AVAILABLE:")
+        && let Some(count) = parse_u64(count)
+    {
+        return Reply::Notify(count);
     }
     if let Some(text) = line.strip_prefix(b"ERROR:") {
         return Reply::Error(ErrorCode::from_text(text), text);
@@ -359,7 +378,9 @@ impl LineReader {
     /// is there.
     pub fn next_line(&mut self) -> Option<Line> {
         loop {
-            let found = self.buf[self.scanned..self.end].iter().position(|&b| b == b'\n');
+            let found = self.buf[self.scanned..self.end]
+                .iter()
+                .position(|&b| b == b'\n');
             match found {
                 Some(offset) => {
                     let newline = self.scanned + offset;
@@ -417,18 +438,30 @@ mod tests {
 
     #[test]
     fn parses_every_request() {
-        assert_eq!(parse_request(b"REGISTER:PRODUCER"), Request::RegisterProducer);
+        assert_eq!(
+            parse_request(b"REGISTER:PRODUCER"),
+            Request::RegisterProducer
+        );
         assert_eq!(
             parse_request(b"REGISTER:CONSUMER"),
-            Request::RegisterConsumer { id: None, ack: false }
+            Request::RegisterConsumer {
+                id: None,
+                ack: false
+            }
         );
         assert_eq!(
             parse_request(b"REGISTER:CONSUMER:a-b_c.9"),
-            Request::RegisterConsumer { id: Some(b"a-b_c.9"), ack: false }
+            Request::RegisterConsumer {
+                id: Some(b"a-b_c.9"),
+                ack: false
+            }
         );
         assert_eq!(
             parse_request(b"REGISTER:CONSUMER:x:ACK"),
-            Request::RegisterConsumer { id: Some(b"x"), ack: true }
+            Request::RegisterConsumer {
+                id: Some(b"x"),
+                ack: true
+            }
         );
         assert_eq!(parse_request(b"SEND:a:b:c"), Request::Send(b"a:b:c"));
         assert_eq!(parse_request(b"SEND:"), Request::Send(b""));
@@ -458,17 +491,39 @@ mod tests {
             b"REGISTER:CONSUMER:x:ACK:ACK",
             b"REGISTER:CONSUMER:\xff",
         ] {
-            assert_eq!(parse_request(line), invalid, "{:?}", String::from_utf8_lossy(line));
+            assert_eq!(
+                parse_request(line),
+                invalid,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
         }
         let long_id = [b'a'; 65];
         let mut line = b"REGISTER:CONSUMER:".to_vec();
         line.extend_from_slice(&long_id);
         assert_eq!(parse_request(&line), invalid);
         line.pop();
-        assert!(matches!(parse_request(&line), Request::RegisterConsumer { .. }));
+        assert!(matches!(
+            parse_request(&line),
+            Request::RegisterConsumer { .. }
+        ));
         let unknown = Request::Invalid(ErrorCode::UnknownCommand);
-        for line in [&b""[..], b"get", b"GET ", b"GETX", b"QUIT:", b"STATS:x", b"REGISTERX", b" SEND:x"] {
-            assert_eq!(parse_request(line), unknown, "{:?}", String::from_utf8_lossy(line));
+        for line in [
+            &b""[..],
+            b"get",
+            b"GET ",
+            b"GETX",
+            b"QUIT:",
+            b"STATS:x",
+            b"REGISTERX",
+            b" SEND:x",
+        ] {
+            assert_eq!(
+                parse_request(line),
+                unknown,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 
@@ -511,9 +566,18 @@ mod tests {
         write_notify(&mut out, 3);
         write_consumer_ok(&mut out, b"c1");
         ErrorCode::NoMessages.write_line(&mut out);
-        let lines: Vec<&[u8]> = out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+        let lines: Vec<&[u8]> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
         assert_eq!(parse_reply(lines[0]), Reply::MsgId(7));
-        assert_eq!(parse_reply(lines[1]), Reply::Msg { id: 8, content: b"a:b" });
+        assert_eq!(
+            parse_reply(lines[1]),
+            Reply::Msg {
+                id: 8,
+                content: b"a:b"
+            }
+        );
         assert_eq!(parse_reply(lines[2]), Reply::Notify(3));
         assert_eq!(parse_reply(lines[3]), Reply::Ok(b"CONSUMER:c1"));
         assert_eq!(

@@ -55,7 +55,12 @@ const H_OWNER: usize = 56;
 #[derive(Debug)]
 pub enum QueueError {
     /// A live process uses an object with our key.
-    InUse { what: &'static str, key: i32, option: &'static str, detail: String },
+    InUse {
+        what: &'static str,
+        key: i32,
+        option: &'static str,
+        detail: String,
+    },
     /// A system call failed.
     Io(io::Error),
 }
@@ -63,7 +68,12 @@ pub enum QueueError {
 impl fmt::Display for QueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            QueueError::InUse { what, key, option, detail } => write!(
+            QueueError::InUse {
+                what,
+                key,
+                option,
+                detail,
+            } => write!(
                 f,
                 "a {what} with key 0x{key:x} is in use by a running process ({detail}): \
                  another broker runs with this key; stop it or start this one with {option}"
@@ -113,7 +123,12 @@ impl Ring {
         // every object as it was.
         let existing_shm = shm::inspect(shm_key)?;
         let existing_sem = sem::inspect(sem_key)?;
-        if let shm::Existing::InUse { attached, creator_pid, .. } = existing_shm {
+        if let shm::Existing::InUse {
+            attached,
+            creator_pid,
+            ..
+        } = existing_shm
+        {
             return Err(QueueError::InUse {
                 what: "shared memory segment",
                 key: shm_key,
@@ -143,7 +158,10 @@ impl Ring {
         }
 
         let capacity_u16 = u16::try_from(capacity).map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidInput, "capacity above a semaphore's maximum")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "capacity above a semaphore's maximum",
+            )
         })?;
         let sems = SemaphoreSet::create(sem_key, &[1, capacity_u16, 0])?;
         let slot = slot_size(max_msg_size);
@@ -213,7 +231,11 @@ impl Ring {
             let free = self.sems.value(EMPTY)? as usize;
             if free > 0 {
                 let n = want.min(free);
-                let op = Op { index: EMPTY, delta: -(n as i16), flags: NOWAIT };
+                let op = Op {
+                    index: EMPTY,
+                    delta: -(n as i16),
+                    flags: NOWAIT,
+                };
                 if self.sems.apply(&[op], None)? {
                     return Ok(n);
                 }
@@ -223,7 +245,11 @@ impl Ring {
             if left.is_zero() {
                 return Ok(0);
             }
-            let op = Op { index: EMPTY, delta: -1, flags: 0 };
+            let op = Op {
+                index: EMPTY,
+                delta: -1,
+                flags: 0,
+            };
             if !self.sems.apply(&[op], Some(left))? {
                 return Ok(0);
             }
@@ -235,15 +261,32 @@ impl Ring {
     /// Gives back `n` slots taken by [`reserve`](Self::reserve) and not used.
     pub fn unreserve(&self, n: usize) -> io::Result<()> {
         if n > 0 {
-            self.sems.apply(&[Op { index: EMPTY, delta: n as i16, flags: 0 }], None)?;
+            self.sems.apply(
+                &[Op {
+                    index: EMPTY,
+                    delta: n as i16,
+                    flags: 0,
+                }],
+                None,
+            )?;
         }
         Ok(())
     }
 
     /// Takes the MUTEX; the guard gives access to the slots.
     pub fn lock(&self) -> io::Result<RingGuard<'_>> {
-        self.sems.apply(&[Op { index: MUTEX, delta: -1, flags: UNDO }], None)?;
-        Ok(RingGuard { ring: self, released: false })
+        self.sems.apply(
+            &[Op {
+                index: MUTEX,
+                delta: -1,
+                flags: UNDO,
+            }],
+            None,
+        )?;
+        Ok(RingGuard {
+            ring: self,
+            released: false,
+        })
     }
 
     /// Removes the segment and the set from the system now (clean
@@ -279,7 +322,10 @@ pub struct RingGuard<'a> {
 impl RingGuard<'_> {
     /// The oldest id held and the id the next message will get.
     pub fn bounds(&self) -> (u64, u64) {
-        (self.ring.segment.read_u64(H_HEAD), self.ring.segment.read_u64(H_NEXT))
+        (
+            self.ring.segment.read_u64(H_HEAD),
+            self.ring.segment.read_u64(H_NEXT),
+        )
     }
 
     /// Stores `contents` as the messages `next..next + n` with `timestamp`,
@@ -289,7 +335,10 @@ impl RingGuard<'_> {
         let segment = &self.ring.segment;
         let (head, mut next) = self.bounds();
         for content in contents {
-            assert!(content.len() <= self.ring.max_msg_size, "message larger than a slot");
+            assert!(
+                content.len() <= self.ring.max_msg_size,
+                "message larger than a slot"
+            );
             assert!(next - head < self.ring.capacity, "push into a full ring");
             let at = self.ring.slot_offset(next);
             segment.write_u64(at, next);
@@ -319,7 +368,10 @@ impl RingGuard<'_> {
 
     fn checked_slot(&self, id: u64) -> usize {
         let (head, next) = self.bounds();
-        assert!(head <= id && id < next, "message {id} not held ({head}..{next})");
+        assert!(
+            head <= id && id < next,
+            "message {id} not held ({head}..{next})"
+        );
         let at = self.ring.slot_offset(id);
         debug_assert_eq!(self.ring.segment.read_u64(at), id);
         at
@@ -329,8 +381,16 @@ impl RingGuard<'_> {
     pub fn unlock_pushed(mut self, pushed: usize) -> io::Result<()> {
         self.released = true;
         let ops = [
-            Op { index: MUTEX, delta: 1, flags: UNDO },
-            Op { index: FULL, delta: pushed as i16, flags: 0 },
+            Op {
+                index: MUTEX,
+                delta: 1,
+                flags: UNDO,
+            },
+            Op {
+                index: FULL,
+                delta: pushed as i16,
+                flags: 0,
+            },
         ];
         self.ring.sems.apply(&ops, None).map(drop)
     }
@@ -339,27 +399,59 @@ impl RingGuard<'_> {
     /// the MUTEX, moving their slots from FULL to EMPTY.
     pub fn unlock_released(mut self, new_head: u64) -> io::Result<()> {
         let (head, next) = self.bounds();
-        assert!(head <= new_head && new_head <= next, "bad new head {new_head} ({head}..{next})");
+        assert!(
+            head <= new_head && new_head <= next,
+            "bad new head {new_head} ({head}..{next})"
+        );
         let freed = (new_head - head) as i16;
         self.ring.segment.write_u64(H_HEAD, new_head);
         self.released = true;
         let ops = [
-            Op { index: MUTEX, delta: 1, flags: UNDO },
-            Op { index: FULL, delta: -freed, flags: NOWAIT },
-            Op { index: EMPTY, delta: freed, flags: 0 },
+            Op {
+                index: MUTEX,
+                delta: 1,
+                flags: UNDO,
+            },
+            Op {
+                index: FULL,
+                delta: -freed,
+                flags: NOWAIT,
+            },
+            Op {
+                index: EMPTY,
+                delta: freed,
+                flags: 0,
+            },
         ];
         if self.ring.sems.apply(&ops, None)? {
             return Ok(());
         }
         // FULL lower than the ring says: a bug, but never leave the MUTEX held.
-        self.ring.sems.apply(&[Op { index: MUTEX, delta: 1, flags: UNDO }], None)?;
+        self.ring.sems.apply(
+            &[Op {
+                index: MUTEX,
+                delta: 1,
+                flags: UNDO,
+            }],
+            None,
+        )?;
         Err(io::Error::other("semaphore FULL below the ring's count"))
     }
 
     /// Releases the MUTEX with no count change.
     pub fn unlock(mut self) -> io::Result<()> {
         self.released = true;
-        self.ring.sems.apply(&[Op { index: MUTEX, delta: 1, flags: UNDO }], None).map(drop)
+        self.ring
+            .sems
+            .apply(
+                &[Op {
+                    index: MUTEX,
+                    delta: 1,
+                    flags: UNDO,
+                }],
+                None,
+            )
+            .map(drop)
     }
 
     /// The header fields a reader checks before trusting the segment:
@@ -373,7 +465,11 @@ impl RingGuard<'_> {
 impl Drop for RingGuard<'_> {
     fn drop(&mut self) {
         if !self.released {
-            let op = Op { index: MUTEX, delta: 1, flags: UNDO };
+            let op = Op {
+                index: MUTEX,
+                delta: 1,
+                flags: UNDO,
+            };
             let _ = self.ring.sems.apply(&[op], None);
         }
     }
@@ -400,7 +496,10 @@ mod tests {
         let ring = Ring::create(shm_key, sem_key, 3, 8, 10, &log).unwrap();
         {
             let guard = ring.lock().unwrap();
-            assert_eq!(guard.header(), [MAGIC, LAYOUT_VERSION, 3, slot_size(8) as u64]);
+            assert_eq!(
+                guard.header(),
+                [MAGIC, LAYOUT_VERSION, 3, slot_size(8) as u64]
+            );
             guard.unlock().unwrap();
         }
         let deadline = Instant::now() + Duration::from_millis(50);
@@ -416,7 +515,11 @@ mod tests {
 
         // Full: a reserve waits until its deadline and gets nothing.
         let started = Instant::now();
-        assert_eq!(ring.reserve(1, started + Duration::from_millis(30)).unwrap(), 0);
+        assert_eq!(
+            ring.reserve(1, started + Duration::from_millis(30))
+                .unwrap(),
+            0
+        );
         assert!(started.elapsed() >= Duration::from_millis(25));
 
         ring.lock().unwrap().unlock_released(12).unwrap();
@@ -424,8 +527,16 @@ mod tests {
         ring.unreserve(2).unwrap();
         let (shm_id, sem_id) = ring.ids();
         drop(ring);
-        assert_eq!(shm::inspect(shm_key).unwrap(), shm::Existing::None, "segment {shm_id} left");
-        assert_eq!(sem::inspect(sem_key).unwrap(), sem::Existing::None, "set {sem_id} left");
+        assert_eq!(
+            shm::inspect(shm_key).unwrap(),
+            shm::Existing::None,
+            "segment {shm_id} left"
+        );
+        assert_eq!(
+            sem::inspect(sem_key).unwrap(),
+            sem::Existing::None,
+            "set {sem_id} left"
+        );
     }
 
     #[test]

@@ -102,7 +102,12 @@ pub fn record_len(id: u64, timestamp: u64, size: usize) -> u64 {
 #[derive(Debug, PartialEq, Eq)]
 enum Parsed {
     /// A whole record: its fields, where its content lies, its length.
-    Record { id: u64, timestamp: u64, content: (usize, usize), len: usize },
+    Record {
+        id: u64,
+        timestamp: u64,
+        content: (usize, usize),
+        len: usize,
+    },
     /// The bytes so far are a valid start of a record, and end too soon.
     Incomplete,
     /// Not a record: why, and at which byte of the slice it went wrong.
@@ -113,11 +118,17 @@ enum Parsed {
 fn parse_record(buf: &[u8], max_msg_size: usize) -> Parsed {
     let mut pos = 0;
     let mut fields = [0u64; 3];
-    let limits = [(20, "bad message id"), (20, "bad timestamp"), (MAX_SIZE_DIGITS, "bad size")];
+    let limits = [
+        (20, "bad message id"),
+        (20, "bad timestamp"),
+        (MAX_SIZE_DIGITS, "bad size"),
+    ];
     for (field, (max_digits, reason)) in fields.iter_mut().zip(limits) {
         let start = pos;
         loop {
-            let Some(&b) = buf.get(pos) else { return Parsed::Incomplete };
+            let Some(&b) = buf.get(pos) else {
+                return Parsed::Incomplete;
+            };
             if b == b':' && pos > start {
                 break;
             }
@@ -134,17 +145,26 @@ fn parse_record(buf: &[u8], max_msg_size: usize) -> Parsed {
     }
     let [id, timestamp, size] = fields;
     if id == 0 {
-        return Parsed::Invalid { reason: "message id 0", at: 0 };
+        return Parsed::Invalid {
+            reason: "message id 0",
+            at: 0,
+        };
     }
     if size == 0 || size > max_msg_size as u64 {
-        return Parsed::Invalid { reason: "size out of range", at: pos - 1 };
+        return Parsed::Invalid {
+            reason: "size out of range",
+            at: pos - 1,
+        };
     }
     let content_start = pos;
     let newline = content_start + size as usize;
     match buf.get(newline) {
         None => Parsed::Incomplete,
         Some(b'\n') => match buf[content_start..newline].iter().position(|&b| b == b'\n') {
-            Some(at) => Parsed::Invalid { reason: "newline inside content", at: content_start + at },
+            Some(at) => Parsed::Invalid {
+                reason: "newline inside content",
+                at: content_start + at,
+            },
             None => Parsed::Record {
                 id,
                 timestamp,
@@ -152,7 +172,10 @@ fn parse_record(buf: &[u8], max_msg_size: usize) -> Parsed {
                 len: newline + 1,
             },
         },
-        Some(_) => Parsed::Invalid { reason: "no newline where SIZE says the record ends", at: newline },
+        Some(_) => Parsed::Invalid {
+            reason: "no newline where SIZE says the record ends",
+            at: newline,
+        },
     }
 }
 
@@ -214,7 +237,12 @@ pub fn scan(
     };
     loop {
         match parse_record(&buf[start..], max_msg_size) {
-            Parsed::Record { id, timestamp, content, len } => {
+            Parsed::Record {
+                id,
+                timestamp,
+                content,
+                len,
+            } => {
                 let bad = if timestamp >= MAX_TIMESTAMP {
                     Some("timestamp out of range".to_string())
                 } else {
@@ -226,7 +254,10 @@ pub fn scan(
                     }
                 };
                 if let Some(reason) = bad {
-                    result.tail = Tail::Damaged { offset: file_offset, reason };
+                    result.tail = Tail::Damaged {
+                        offset: file_offset,
+                        reason,
+                    };
                     return Ok(result);
                 }
                 if id >= keep_from {
@@ -234,7 +265,11 @@ pub fn scan(
                         return Err(ScanError::TooMany { limit: keep_limit });
                     }
                     let bytes = buf[start + content.0..start + content.1].to_vec();
-                    result.kept.push_back(Record { id, timestamp, content: bytes });
+                    result.kept.push_back(Record {
+                        id,
+                        timestamp,
+                        content: bytes,
+                    });
                     result.kept_bytes += len as u64;
                 }
                 result.first_id.get_or_insert(id);
@@ -284,7 +319,10 @@ pub fn scan(
                 result.tail = if zeros_only {
                     Tail::Torn { bytes: rest }
                 } else {
-                    Tail::Damaged { offset: file_offset, reason: reason.to_string() }
+                    Tail::Damaged {
+                        offset: file_offset,
+                        reason: reason.to_string(),
+                    }
                 };
                 return Ok(result);
             }
@@ -309,9 +347,11 @@ impl Offsets {
     /// The file's bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.consumers.len() * 32);
-        for (key, value) in
-            [(&b"NEXT_ID:"[..], self.next_id), (b"NEXT_CONSUMER:", self.next_consumer), (b"HEAD:", self.head)]
-        {
+        for (key, value) in [
+            (&b"NEXT_ID:"[..], self.next_id),
+            (b"NEXT_CONSUMER:", self.next_consumer),
+            (b"HEAD:", self.head),
+        ] {
             out.extend_from_slice(key);
             push_u64(&mut out, value);
             out.push(b'\n');
@@ -390,7 +430,9 @@ fn sync_dir(path: &Path) -> io::Result<()> {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| context(e, "fsync directory", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| context(e, "fsync directory", dir))
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename,
@@ -404,7 +446,8 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| context(e, "create", &tmp))?;
-    file.write_all(bytes).map_err(|e| context(e, "write", &tmp))?;
+    file.write_all(bytes)
+        .map_err(|e| context(e, "write", &tmp))?;
     file.sync_all().map_err(|e| context(e, "fsync", &tmp))?;
     drop(file);
     fs::rename(&tmp, path).map_err(|e| context(e, "rename over", path))?;
@@ -416,7 +459,10 @@ pub fn load_offsets(messages: &Path, skip_bad: bool) -> io::Result<(Offsets, Vec
     let path = offsets_path(messages);
     match fs::read(&path) {
         Ok(bytes) => Offsets::decode(&bytes, skip_bad).map_err(|reason| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {reason}", path.display()))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {reason}", path.display()),
+            )
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((Offsets::default(), Vec::new())),
         Err(e) => Err(context(e, "read", &path)),
@@ -450,10 +496,15 @@ impl MessageFile {
             .map_err(|e| context(e, "open", path))?;
         let actual = file.metadata().map_err(|e| context(e, "stat", path))?.len();
         if actual != valid_len {
-            file.set_len(valid_len).map_err(|e| context(e, "truncate", path))?;
+            file.set_len(valid_len)
+                .map_err(|e| context(e, "truncate", path))?;
             file.sync_all().map_err(|e| context(e, "fsync", path))?;
         }
-        let mut message_file = MessageFile { path: path.to_path_buf(), file, len: valid_len };
+        let mut message_file = MessageFile {
+            path: path.to_path_buf(),
+            file,
+            len: valid_len,
+        };
         message_file.seek_end()?;
         Ok(message_file)
     }
@@ -512,7 +563,9 @@ impl MessageFile {
 
     /// Fsyncs the data (fdatasync).
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data().map_err(|e| context(e, "fsync", &self.path))
+        self.file
+            .sync_data()
+            .map_err(|e| context(e, "fsync", &self.path))
     }
 
     /// Replaces the file's contents with `records` (compaction): written to
@@ -541,7 +594,9 @@ impl MessageFile {
 pub fn repair(path: &Path, valid_len: u64, unix_time: u64) -> io::Result<PathBuf> {
     let saved = with_suffix(path, &format!(".corrupt-{unix_time}"));
     fs::copy(path, &saved).map_err(|e| context(e, "copy to", &saved))?;
-    File::open(&saved).and_then(|f| f.sync_all()).map_err(|e| context(e, "fsync", &saved))?;
+    File::open(&saved)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| context(e, "fsync", &saved))?;
     let mut prefix = Vec::with_capacity(valid_len as usize);
     File::open(path)
         .map_err(|e| context(e, "open", path))?
@@ -568,7 +623,11 @@ mod tests {
                 (bytes.len() as u64) - ends.last().copied().unwrap_or(0)
             );
             ends.push(bytes.len() as u64);
-            records.push(Record { id, timestamp: 1_700_000_000 + id, content });
+            records.push(Record {
+                id,
+                timestamp: 1_700_000_000 + id,
+                content,
+            });
         }
         (bytes, records, ends)
     }
@@ -600,8 +659,14 @@ mod tests {
     fn keeps_only_what_is_asked_and_bounds_it() {
         let (bytes, _, _) = sample(10);
         let result = scan(&bytes[..], 64, 7, 4).unwrap();
-        assert_eq!(result.kept.iter().map(|r| r.id).collect::<Vec<_>>(), vec![7, 8, 9, 10]);
-        assert!(matches!(scan(&bytes[..], 64, 6, 4), Err(ScanError::TooMany { limit: 4 })));
+        assert_eq!(
+            result.kept.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![7, 8, 9, 10]
+        );
+        assert!(matches!(
+            scan(&bytes[..], 64, 6, 4),
+            Err(ScanError::TooMany { limit: 4 })
+        ));
     }
 
     #[test]
@@ -617,7 +682,11 @@ mod tests {
                 assert_eq!(Vec::from(result.kept), records[..whole], "cut {cut}");
                 assert_eq!(result.valid_len, valid, "cut {cut}");
                 let rest = input.len() as u64 - valid;
-                let want = if rest == 0 { Tail::Clean } else { Tail::Torn { bytes: rest } };
+                let want = if rest == 0 {
+                    Tail::Clean
+                } else {
+                    Tail::Torn { bytes: rest }
+                };
                 assert_eq!(result.tail, want, "cut {cut} suffix {}", suffix.len());
             }
             // Garbage after the cut is damage at the first record it spoils.
@@ -658,7 +727,10 @@ mod tests {
                 }
             }
         }
-        assert!(reported > bytes.len(), "most flips must be caught, got {reported}");
+        assert!(
+            reported > bytes.len(),
+            "most flips must be caught, got {reported}"
+        );
     }
 
     #[test]
@@ -701,7 +773,12 @@ mod tests {
         file.append(&bytes).unwrap();
         file.sync().unwrap();
         assert_eq!(file.len(), bytes.len() as u64);
-        file.rewrite(records[4..].iter().map(|r| (r.id, r.timestamp, &r.content[..]))).unwrap();
+        file.rewrite(
+            records[4..]
+                .iter()
+                .map(|r| (r.id, r.timestamp, &r.content[..])),
+        )
+        .unwrap();
         let on_disk = fs::read(&path).unwrap();
         assert_eq!(on_disk, bytes[ends[3] as usize..]);
         file.append(b"").unwrap();
@@ -716,7 +793,10 @@ mod tests {
         assert_eq!(fs::read(&saved).unwrap(), damaged);
         assert_eq!(fs::read(&path).unwrap(), bytes[..ends[2] as usize]);
 
-        let offsets = Offsets { next_id: 9, ..Offsets::default() };
+        let offsets = Offsets {
+            next_id: 9,
+            ..Offsets::default()
+        };
         save_offsets(&path, &offsets).unwrap();
         assert_eq!(load_offsets(&path, false).unwrap().0, offsets);
         fs::remove_dir_all(&dir).unwrap();

@@ -34,11 +34,16 @@ pub const COMPACT_MIN_BYTES: u64 = 1 << 20;
 
 /// Seconds since the Unix epoch, 0 if the clock is before it.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// One client connection as other threads see it: a way to write to it
@@ -73,7 +78,10 @@ impl Conn {
     /// connection are deferred, so a NOTIFY never lands between a batch of
     /// replies and the request that caused them.
     pub fn writer(&self) -> Writer<'_> {
-        Writer { conn: self, pending: lock(&self.pending) }
+        Writer {
+            conn: self,
+            pending: lock(&self.pending),
+        }
     }
 
     /// Writes `data` (whole lines) under the write lock.
@@ -93,9 +101,9 @@ impl Conn {
         let mut line = Vec::with_capacity(48);
         protocol::write_notify(&mut line, count);
         if pending.is_empty() {
-            match os::send_nonblocking(&self.stream, &line) {
-                Ok(sent) => pending.extend_from_slice(&line[sent..]),
-                Err(_) => {} // the worker sees the broken socket on its side
+            // On an error the worker sees the broken socket on its side.
+            if let Ok(sent) = os::send_nonblocking(&self.stream, &line) {
+                pending.extend_from_slice(&line[sent..]);
             }
         } else {
             pending.extend_from_slice(&line);
@@ -104,15 +112,17 @@ impl Conn {
 
     /// Sends what pushes left pending, without blocking (housekeeping).
     fn flush_pushes(&self) {
-        let Ok(mut pending) = self.pending.try_lock() else { return };
+        let Ok(mut pending) = self.pending.try_lock() else {
+            return;
+        };
         let count = self.deferred_notify.swap(0, Ordering::AcqRel);
         if count > 0 {
             protocol::write_notify(&mut pending, count);
         }
-        if !pending.is_empty() {
-            if let Ok(sent) = os::send_nonblocking(&self.stream, &pending) {
-                pending.drain(..sent);
-            }
+        if !pending.is_empty()
+            && let Ok(sent) = os::send_nonblocking(&self.stream, &pending)
+        {
+            pending.drain(..sent);
         }
     }
 }
@@ -209,7 +219,10 @@ impl Syncer {
                 result?;
                 continue;
             }
-            state = self.done.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+            state = self
+                .done
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
     }
 
@@ -282,7 +295,16 @@ impl Core {
         let cursors = recovered
             .cursors
             .into_iter()
-            .map(|(id, pos)| (Arc::from(id), Cursor { pos, connections: 0, idle_since: now }))
+            .map(|(id, pos)| {
+                (
+                    Arc::from(id),
+                    Cursor {
+                        pos,
+                        connections: 0,
+                        idle_since: now,
+                    },
+                )
+            })
             .collect();
         Ok(Core {
             log,
@@ -301,7 +323,12 @@ impl Core {
                 scratch: Vec::new(),
             }),
             sync: Syncer {
-                state: Mutex::new(SyncState { file: sync_file, written: last, synced: last, syncing: false }),
+                state: Mutex::new(SyncState {
+                    file: sync_file,
+                    written: last,
+                    synced: last,
+                    syncing: false,
+                }),
                 done: Condvar::new(),
             },
             started: now,
@@ -329,7 +356,9 @@ impl Core {
             };
             if reserved == 0 {
                 let rest = contents.len() - done;
-                self.counters.queue_full.fetch_add(rest as u64, Ordering::Relaxed);
+                self.counters
+                    .queue_full
+                    .fetch_add(rest as u64, Ordering::Relaxed);
                 for _ in 0..rest {
                     ErrorCode::QueueFull.write_line(out);
                 }
@@ -350,8 +379,11 @@ impl Core {
                     }
                 }
                 Err(err) => {
-                    self.log.error(format_args!("storing {} message(s): {err}", chunk.len()));
-                    self.counters.persistence_failures.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    self.log
+                        .error(format_args!("storing {} message(s): {err}", chunk.len()));
+                    self.counters
+                        .persistence_failures
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     for _ in chunk {
                         ErrorCode::PersistenceFailure.write_line(out);
                     }
@@ -390,7 +422,8 @@ impl Core {
         lock(&self.sync.state).written = state.next_id - 1;
         self.counters.stored.fetch_add(n, Ordering::Relaxed);
         if self.log.enabled(crate::log::Level::Debug) {
-            self.log.debug(format_args!("stored messages {first}..={}", first + n - 1));
+            self.log
+                .debug(format_args!("stored messages {first}..={}", first + n - 1));
         }
         for (conn, key) in state.armed.drain(..) {
             conn.armed.store(false, Ordering::Relaxed);
@@ -457,7 +490,9 @@ impl Core {
 
     /// Drops from the ring the messages every cursor has passed.
     fn release(&self, state: &mut State) {
-        let Some(min) = state.cursors.values().map(|c| c.pos + 1).min() else { return };
+        let Some(min) = state.cursors.values().map(|c| c.pos + 1).min() else {
+            return;
+        };
         let new_head = min.min(state.next_id);
         if new_head <= state.head {
             return;
@@ -475,7 +510,9 @@ impl Core {
                 state.live_bytes = state.live_bytes.saturating_sub(bytes);
                 state.head = new_head;
             }
-            Err(err) => self.log.error(format_args!("queue: releasing up to {new_head}: {err}")),
+            Err(err) => self
+                .log
+                .error(format_args!("queue: releasing up to {new_head}: {err}")),
         }
     }
 
@@ -504,11 +541,14 @@ impl Core {
             },
         };
         let head = state.head;
-        let cursor = state.cursors.entry(Arc::clone(&key)).or_insert_with(|| Cursor {
-            pos: head - 1,
-            connections: 0,
-            idle_since: Instant::now(),
-        });
+        let cursor = state
+            .cursors
+            .entry(Arc::clone(&key))
+            .or_insert_with(|| Cursor {
+                pos: head - 1,
+                connections: 0,
+                idle_since: Instant::now(),
+            });
         cursor.connections += 1;
         let backlog = state.next_id - 1 - cursor.pos;
         state.offsets_dirty = true;
@@ -599,10 +639,18 @@ impl Core {
     /// never handed out twice and the file's ids stay consecutive.
     fn snapshot(&self, state: &State, synced: u64) -> Offsets {
         let next_id = (synced + 1).min(state.next_id);
-        let mut consumers: Vec<(Vec<u8>, u64)> =
-            state.cursors.iter().map(|(id, c)| (id.to_vec(), c.pos)).collect();
+        let mut consumers: Vec<(Vec<u8>, u64)> = state
+            .cursors
+            .iter()
+            .map(|(id, c)| (id.to_vec(), c.pos))
+            .collect();
         consumers.sort();
-        Offsets { next_id, next_consumer: state.next_consumer, head: state.head.min(next_id), consumers }
+        Offsets {
+            next_id,
+            next_consumer: state.next_consumer,
+            head: state.head.min(next_id),
+            consumers,
+        }
     }
 
     /// Rewrites the messages file down to the live records when consumed
@@ -613,7 +661,11 @@ impl Core {
         let mut state = self.state();
         let len = state.file.len();
         let dead = len.saturating_sub(state.live_bytes);
-        let worth = if force { dead > 0 } else { len >= COMPACT_MIN_BYTES && dead > state.live_bytes };
+        let worth = if force {
+            dead > 0
+        } else {
+            len >= COMPACT_MIN_BYTES && dead > state.live_bytes
+        };
         if !worth {
             return Ok(());
         }
@@ -630,7 +682,9 @@ impl Core {
             records.push((id, timestamp, content));
         }
         guard.unlock()?;
-        state.file.rewrite(records.iter().map(|(id, ts, c)| (*id, *ts, &c[..])))?;
+        state
+            .file
+            .rewrite(records.iter().map(|(id, ts, c)| (*id, *ts, &c[..])))?;
         state.live_bytes = state.file.len();
         state.offsets_dirty = false;
         let mut sync = lock(&self.sync.state);
@@ -657,7 +711,12 @@ impl Core {
     pub fn stats_line(&self, out: &mut Vec<u8>) {
         let (held, next_id, cursors, file_len) = {
             let state = self.state();
-            (state.next_id - state.head, state.next_id, state.cursors.len(), state.file.len())
+            (
+                state.next_id - state.head,
+                state.next_id,
+                state.cursors.len(),
+                state.file.len(),
+            )
         };
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);

@@ -111,7 +111,11 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     )?;
     if !records.is_empty() {
         let reserved = ring.reserve(records.len(), Instant::now())?;
-        assert_eq!(reserved, records.len(), "recovery keeps at most capacity records");
+        assert_eq!(
+            reserved,
+            records.len(),
+            "recovery keeps at most capacity records"
+        );
         let mut guard = ring.lock()?;
         for record in &records {
             guard.push(record.timestamp, &[&record.content]);
@@ -154,14 +158,22 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
         WORKER_STACK,
         max_clients,
         move |(stream, id): (TcpStream, u64)| session::serve(&worker_shared, stream, id),
-        move |text| panic_shared.core.log.error(format_args!("a connection's worker panicked: {text}")),
+        move |text| {
+            panic_shared
+                .core
+                .log
+                .error(format_args!("a connection's worker panicked: {text}"))
+        },
     )?;
 
     let stop = Arc::new(Stopper::default());
     let signals = spawn_signal_thread(&shared, &stop, listener.try_clone()?)?;
     let housekeeping = spawn_housekeeping(&shared, &stop)?;
 
-    log.info(format_args!("listening on {address} with {} workers", pool.threads()));
+    log.info(format_args!(
+        "listening on {address} with {} workers",
+        pool.threads()
+    ));
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening on {address}");
     let _ = stdout.flush();
@@ -173,7 +185,10 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     // "ERROR:Shutting down" and leaves.
     shared.shutting_down.store(true, Ordering::Release);
     drop(listener);
-    log.info(format_args!("shutting down: {} connection(s) open", shared.active.load(Ordering::Acquire)));
+    log.info(format_args!(
+        "shutting down: {} connection(s) open",
+        shared.active.load(Ordering::Acquire)
+    ));
     for conn in lock(&shared.conns).values() {
         let _ = os::shutdown_read(&conn.stream);
     }
@@ -205,7 +220,11 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     drop(pool);
     let shared = match Arc::try_unwrap(shared) {
         Ok(shared) => shared,
-        Err(_) => return Err(StartError("shutdown: a thread still holds the broker".into())),
+        Err(_) => {
+            return Err(StartError(
+                "shutdown: a thread still holds the broker".into(),
+            ));
+        }
     };
     let ring_removed = shared.core.remove_queue();
     match ring_removed {
@@ -217,7 +236,11 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
             log.error(format_args!("shutdown: removing IPC objects: {err}"));
         }
     }
-    if clean { Ok(()) } else { Err(StartError("shutdown was not clean; see the log".into())) }
+    if clean {
+        Ok(())
+    } else {
+        Err(StartError("shutdown was not clean; see the log".into()))
+    }
 }
 
 fn accept_loop(shared: &Shared, listener: &TcpListener, pool: &Pool<(TcpStream, u64)>) {
@@ -244,9 +267,15 @@ fn accept_loop(shared: &Shared, listener: &TcpListener, pool: &Pool<(TcpStream, 
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         if shared.active.fetch_add(1, Ordering::AcqRel) >= max_clients {
             shared.active.fetch_sub(1, Ordering::AcqRel);
-            shared.core.counters.refused_full.fetch_add(1, Ordering::Relaxed);
+            shared
+                .core
+                .counters
+                .refused_full
+                .fetch_add(1, Ordering::Relaxed);
             refuse(&stream, ErrorCode::ServerFull);
-            shared.core.log.debug(format_args!("refused a connection: {max_clients} clients served"));
+            shared.core.log.debug(format_args!(
+                "refused a connection: {max_clients} clients served"
+            ));
             continue;
         }
         let id = next_id.fetch_add(1, Ordering::Relaxed);
@@ -300,8 +329,10 @@ impl Stopper {
         if *stopped {
             return true;
         }
-        let (stopped, _) =
-            self.wake.wait_timeout(stopped, period).unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (stopped, _) = self
+            .wake
+            .wait_timeout(stopped, period)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         *stopped
     }
 }
@@ -313,44 +344,53 @@ fn spawn_signal_thread(
 ) -> std::io::Result<JoinHandle<()>> {
     let shared = Arc::clone(shared);
     let stop = Arc::clone(stop);
-    std::thread::Builder::new().name("signals".into()).stack_size(64 * 1024).spawn(move || {
-        while !stop.is_stopped() {
-            if let Some(signal) = os::wait_termination(Duration::from_millis(200)) {
-                shared.core.log.info(format_args!("received {signal}"));
-                shared.shutting_down.store(true, Ordering::Release);
-                let _ = os::shutdown(&listener);
-                return;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            while !stop.is_stopped() {
+                if let Some(signal) = os::wait_termination(Duration::from_millis(200)) {
+                    shared.core.log.info(format_args!("received {signal}"));
+                    shared.shutting_down.store(true, Ordering::Release);
+                    let _ = os::shutdown(&listener);
+                    return;
+                }
             }
-        }
-    })
+        })
 }
 
-fn spawn_housekeeping(shared: &Arc<Shared>, stop: &Arc<Stopper>) -> std::io::Result<JoinHandle<()>> {
+fn spawn_housekeeping(
+    shared: &Arc<Shared>,
+    stop: &Arc<Stopper>,
+) -> std::io::Result<JoinHandle<()>> {
     let shared = Arc::clone(shared);
     let stop = Arc::clone(stop);
-    std::thread::Builder::new().name("housekeeping".into()).stack_size(256 * 1024).spawn(move || {
-        let core = &shared.core;
-        let interval = shared.config.fsync_interval;
-        let mut last_sync = Instant::now();
-        let mut last_slow = Instant::now();
-        while !stop.sleep(TICK) {
-            if core.config.fsync == FsyncPolicy::Interval && last_sync.elapsed() >= interval {
-                last_sync = Instant::now();
-                if let Err(err) = core.sync_now() {
-                    core.log.error(format_args!("fsync: {err}"));
+    std::thread::Builder::new()
+        .name("housekeeping".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let core = &shared.core;
+            let interval = shared.config.fsync_interval;
+            let mut last_sync = Instant::now();
+            let mut last_slow = Instant::now();
+            while !stop.sleep(TICK) {
+                if core.config.fsync == FsyncPolicy::Interval && last_sync.elapsed() >= interval {
+                    last_sync = Instant::now();
+                    if let Err(err) = core.sync_now() {
+                        core.log.error(format_args!("fsync: {err}"));
+                    }
+                }
+                core.flush_pushes(lock(&shared.conns).values());
+                if last_slow.elapsed() >= Duration::from_secs(1) {
+                    last_slow = Instant::now();
+                    core.expire_cursors();
+                    if let Err(err) = core.save_offsets(false) {
+                        core.log.error(format_args!("saving offsets: {err}"));
+                    }
+                    if let Err(err) = core.compact_if_worth_it(false) {
+                        core.log.error(format_args!("compaction: {err}"));
+                    }
                 }
             }
-            core.flush_pushes(lock(&shared.conns).values());
-            if last_slow.elapsed() >= Duration::from_secs(1) {
-                last_slow = Instant::now();
-                core.expire_cursors();
-                if let Err(err) = core.save_offsets(false) {
-                    core.log.error(format_args!("saving offsets: {err}"));
-                }
-                if let Err(err) = core.compact_if_worth_it(false) {
-                    core.log.error(format_args!("compaction: {err}"));
-                }
-            }
-        }
-    })
+        })
 }

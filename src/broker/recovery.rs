@@ -21,14 +21,20 @@ use crate::store::{self, MessageFile, Record, ScanError, Tail};
 /// Reads both files and returns the state to start from and the records
 /// (ids `head..next_id`) to load into the queue. The error is the whole
 /// message to print.
-pub fn recover(config: &BrokerConfig, log: &Logger) -> Result<(Recovered, VecDeque<Record>), String> {
+pub fn recover(
+    config: &BrokerConfig,
+    log: &Logger,
+) -> Result<(Recovered, VecDeque<Record>), String> {
     let path = &config.messages_file;
     let offsets_file = store::offsets_path(path);
     let (offsets, skipped) = store::load_offsets(path, config.repair).map_err(|err| {
         format!("{err}\nthe offsets file is damaged; start with --repair to skip its bad lines")
     })?;
     for line in skipped {
-        log.warn(format_args!("repair: skipped bad line {line} of {}", offsets_file.display()));
+        log.warn(format_args!(
+            "repair: skipped bad line {line} of {}",
+            offsets_file.display()
+        ));
     }
 
     // Which records the queue must hold: those some cursor still needs, or
@@ -39,13 +45,30 @@ pub fn recover(config: &BrokerConfig, log: &Logger) -> Result<(Recovered, VecDeq
     };
     let capacity = config.capacity as usize;
     let scan = match File::open(path) {
-        Ok(file) => store::scan(io::BufReader::with_capacity(64 * 1024, file), config.max_msg_size, keep_from, capacity),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => store::scan(io::empty(), config.max_msg_size, 0, capacity),
-        Err(err) => return Err(format!("cannot open messages file {}: {err}", path.display())),
+        Ok(file) => store::scan(
+            io::BufReader::with_capacity(64 * 1024, file),
+            config.max_msg_size,
+            keep_from,
+            capacity,
+        ),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            store::scan(io::empty(), config.max_msg_size, 0, capacity)
+        }
+        Err(err) => {
+            return Err(format!(
+                "cannot open messages file {}: {err}",
+                path.display()
+            ));
+        }
     };
     let scan = match scan {
         Ok(scan) => scan,
-        Err(ScanError::Io(err)) => return Err(format!("cannot read messages file {}: {err}", path.display())),
+        Err(ScanError::Io(err)) => {
+            return Err(format!(
+                "cannot read messages file {}: {err}",
+                path.display()
+            ));
+        }
         Err(ScanError::TooMany { limit }) => {
             return Err(format!(
                 "messages file {} holds more than {limit} messages that consumers still need; \
@@ -121,10 +144,15 @@ pub fn recover(config: &BrokerConfig, log: &Logger) -> Result<(Recovered, VecDeq
         records.pop_front();
     }
     debug_assert!(records.front().is_none_or(|r| r.id == head));
-    let live_bytes =
-        records.iter().map(|r| store::record_len(r.id, r.timestamp, r.content.len())).sum();
+    let live_bytes = records
+        .iter()
+        .map(|r| store::record_len(r.id, r.timestamp, r.content.len()))
+        .sum();
     let file_len = match config.repair {
-        true => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0).min(scan.valid_len),
+        true => std::fs::metadata(path)
+            .map(|m| m.len())
+            .unwrap_or(0)
+            .min(scan.valid_len),
         false => scan.valid_len,
     };
     let file = MessageFile::open(path, file_len).map_err(|err| err.to_string())?;
@@ -135,5 +163,15 @@ pub fn recover(config: &BrokerConfig, log: &Logger) -> Result<(Recovered, VecDeq
         cursors.len()
     ));
     let next_consumer = offsets.next_consumer.max(1);
-    Ok((Recovered { file, next_id, head, next_consumer, cursors, live_bytes }, records))
+    Ok((
+        Recovered {
+            file,
+            next_id,
+            head,
+            next_consumer,
+            cursors,
+            live_bytes,
+        },
+        records,
+    ))
 }

@@ -54,15 +54,28 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
     let conn = match stream.try_clone() {
         Ok(writer) => Arc::new(Conn::new(conn_id, writer)),
         Err(err) => {
-            shared.core.log.warn(format_args!("connection {conn_id}: {err}"));
+            shared
+                .core
+                .log
+                .warn(format_args!("connection {conn_id}: {err}"));
             shared.active.fetch_sub(1, Ordering::AcqRel);
             return;
         }
     };
     lock(&shared.conns).insert(conn_id, Arc::clone(&conn));
-    shared.core.counters.connections.fetch_add(1, Ordering::Relaxed);
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-    shared.core.log.info(format_args!("connection {conn_id} from {peer}"));
+    shared
+        .core
+        .counters
+        .connections
+        .fetch_add(1, Ordering::Relaxed);
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    shared
+        .core
+        .log
+        .info(format_args!("connection {conn_id} from {peer}"));
 
     let mut session = Session {
         shared,
@@ -77,15 +90,30 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
 
     if let Role::Consumer(key) = &session.role {
         shared.core.unregister_consumer(&conn, key);
-        shared.core.counters.consumers.fetch_sub(1, Ordering::Relaxed);
+        shared
+            .core
+            .counters
+            .consumers
+            .fetch_sub(1, Ordering::Relaxed);
     }
     if let Role::Producer = session.role {
-        shared.core.counters.producers.fetch_sub(1, Ordering::Relaxed);
+        shared
+            .core
+            .counters
+            .producers
+            .fetch_sub(1, Ordering::Relaxed);
     }
     lock(&shared.conns).remove(&conn_id);
     let _ = os::shutdown(&conn.stream);
-    shared.core.counters.connections.fetch_sub(1, Ordering::Relaxed);
-    shared.core.log.info(format_args!("connection {conn_id} closed ({end:?})"));
+    shared
+        .core
+        .counters
+        .connections
+        .fetch_sub(1, Ordering::Relaxed);
+    shared
+        .core
+        .log
+        .info(format_args!("connection {conn_id} closed ({end:?})"));
     shared.active.fetch_sub(1, Ordering::AcqRel);
 }
 
@@ -121,7 +149,10 @@ impl Session<'_> {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err)
-                    if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
                 {
                     // A read timeout: idle unless a line completed meanwhile.
                     match idle.checked_sub(last_line.elapsed()) {
@@ -171,7 +202,11 @@ impl Session<'_> {
     fn finish(&mut self, end: &End) {
         let code = match end {
             End::Idle => {
-                self.shared.core.counters.idle_drops.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .core
+                    .counters
+                    .idle_drops
+                    .fetch_add(1, Ordering::Relaxed);
                 ErrorCode::IdleTimeout
             }
             End::Shutdown => ErrorCode::ShuttingDown,
@@ -217,11 +252,14 @@ impl Session<'_> {
                     let mut contents: Vec<&[u8]> = Vec::new();
                     for line in &lines[i..] {
                         let Line::Complete(range) = line else { break };
-                        let Request::Send(content) = protocol::parse_request(self.reader.bytes(range.clone()))
+                        let Request::Send(content) =
+                            protocol::parse_request(self.reader.bytes(range.clone()))
                         else {
                             break;
                         };
-                        if protocol::check_content(content, max_msg_size).is_err() || contents.len() >= max_run {
+                        if protocol::check_content(content, max_msg_size).is_err()
+                            || contents.len() >= max_run
+                        {
                             break;
                         }
                         contents.push(content);
@@ -251,7 +289,8 @@ impl Session<'_> {
                 }
                 _ => {
                     i += 1;
-                    let flow = handle_one(shared, &self.conn, &mut self.role, &mut self.out, request);
+                    let flow =
+                        handle_one(shared, &self.conn, &mut self.role, &mut self.out, request);
                     if flow == Flow::Close {
                         return Flow::Close;
                     }
@@ -260,7 +299,6 @@ impl Session<'_> {
         }
         Flow::Continue
     }
-
 }
 
 /// Every request but a producer's SEND and a consumer's GET.
@@ -271,50 +309,53 @@ fn handle_one(
     out: &mut Vec<u8>,
     request: Request<'_>,
 ) -> Flow {
-        let core = &shared.core;
-        let registered = !matches!(role, Role::None);
-        if !registered && !request.allowed_before_registration() {
-            ErrorCode::NotRegistered.write_line(out);
-            return Flow::Continue;
+    let core = &shared.core;
+    let registered = !matches!(role, Role::None);
+    if !registered && !request.allowed_before_registration() {
+        ErrorCode::NotRegistered.write_line(out);
+        return Flow::Continue;
+    }
+    match request {
+        Request::RegisterProducer | Request::RegisterConsumer { .. } if registered => {
+            ErrorCode::AlreadyRegistered.write_line(out);
         }
-        match request {
-            Request::RegisterProducer | Request::RegisterConsumer { .. } if registered => {
-                ErrorCode::AlreadyRegistered.write_line(out);
-            }
-            Request::RegisterProducer => {
-                *role = Role::Producer;
-                core.counters.producers.fetch_add(1, Ordering::Relaxed);
-                out.extend_from_slice(b"OK:PRODUCER\n");
-                core.log.info(format_args!("connection {} registered as producer", conn.id));
-            }
-            Request::RegisterConsumer { ack: true, .. } => {
-                // Ack mode is not built yet; PROTOCOL.md allows this answer.
-                ErrorCode::InvalidRegistration.write_line(out);
-            }
-            Request::RegisterConsumer { id, ack: false } => {
-                let key = core.register_consumer(conn, id, out);
-                core.counters.consumers.fetch_add(1, Ordering::Relaxed);
-                *role = Role::Consumer(key);
-            }
-            Request::Send(_) | Request::Get | Request::Ack(_) => {
-                // A producer's SEND and a consumer's GET are handled in
-                // batches; what reaches here is the wrong role, or an ACK.
-                let code = match (&*role, request) {
-                    (Role::Consumer(_), Request::Ack(_)) => ErrorCode::UnknownMessageId,
-                    _ => ErrorCode::NotAllowed,
-                };
-                code.write_line(out);
-            }
-            Request::Heartbeat => out.extend_from_slice(b"OK:HEARTBEAT\n"),
-            Request::Stats => core.stats_line(out),
-            Request::Auth(_) => out.extend_from_slice(b"OK:AUTH\n"),
-            Request::Quit => {
-                out.extend_from_slice(b"OK:BYE\n");
-                return Flow::Close;
-            }
-            Request::Invalid(code) => code.write_line(out),
+        Request::RegisterProducer => {
+            *role = Role::Producer;
+            core.counters.producers.fetch_add(1, Ordering::Relaxed);
+            out.extend_from_slice(b"OK:PRODUCER\n");
+            core.log.info(format_args!(
+                "connection {} registered as producer",
+                conn.id
+            ));
         }
-        Flow::Continue
+        Request::RegisterConsumer { ack: true, .. } => {
+            // Ack mode is not built yet; PROTOCOL.md allows this answer.
+            ErrorCode::InvalidRegistration.write_line(out);
+        }
+        Request::RegisterConsumer { id, ack: false } => {
+            let key = core.register_consumer(conn, id, out);
+            core.counters.consumers.fetch_add(1, Ordering::Relaxed);
+            *role = Role::Consumer(key);
+        }
+        Request::Send(_) | Request::Get | Request::Ack(_) => {
+            // A producer's SEND and a consumer's GET are handled in
+            // batches; what reaches here is the wrong role, or an ACK.
+            let code = match (&*role, request) {
+                (Role::Consumer(_), Request::Ack(_)) => ErrorCode::UnknownMessageId,
+                _ => ErrorCode::NotAllowed,
+            };
+            code.write_line(out);
+        }
+        Request::Heartbeat => out.extend_from_slice(b"OK:HEARTBEAT\n"),
+        Request::Stats => core.stats_line(out),
+        Request::Auth(_) => out.extend_from_slice(b"OK:AUTH\n"),
+        Request::Quit => {
+            out.extend_from_slice(b"OK:BYE\n");
+            return Flow::Close;
+        }
+        Request::Invalid(code) => code.write_line(out),
+    }
+    Flow::Continue
 }
 
 /// Sets the read timeout if it differs from `current`; returns the new one.

@@ -72,9 +72,16 @@ pub fn wait_termination(timeout: Duration) -> Option<&'static str> {
 /// Sends SIGTERM (or SIGINT with `interrupt`) to process `pid`: how a
 /// supervisor or a test asks a broker to stop cleanly.
 pub fn request_stop(pid: u32, interrupt: bool) -> io::Result<()> {
-    let signal = if interrupt { libc::SIGINT } else { libc::SIGTERM };
+    let signal = if interrupt {
+        libc::SIGINT
+    } else {
+        libc::SIGTERM
+    };
     // SAFETY: kill takes plain integers; a wrong pid fails with ESRCH.
-    cvt(unsafe { libc::kill(pid as libc::pid_t, signal) }, || format!("kill({pid}, {signal})")).map(drop)
+    cvt(unsafe { libc::kill(pid as libc::pid_t, signal) }, || {
+        format!("kill({pid}, {signal})")
+    })
+    .map(drop)
 }
 
 /// Ignores SIGXFSZ, so that writing past a file-size limit fails with
@@ -101,7 +108,10 @@ pub fn shutdown_read(socket: &impl AsRawFd) -> io::Result<()> {
 fn shutdown_how(socket: &impl AsRawFd, how: libc::c_int) -> io::Result<()> {
     let fd = socket.as_raw_fd();
     // SAFETY: shutdown takes a descriptor the caller owns (borrowed for the call).
-    cvt(unsafe { libc::shutdown(fd, how) }, || format!("shutdown(fd={fd}, {how})")).map(drop)
+    cvt(unsafe { libc::shutdown(fd, how) }, || {
+        format!("shutdown(fd={fd}, {how})")
+    })
+    .map(drop)
 }
 
 /// Sends as much of `data` as the socket takes without blocking and

@@ -47,7 +47,10 @@ pub fn inspect(key: i32) -> io::Result<Existing> {
         let err = io::Error::last_os_error();
         return match err.raw_os_error() {
             Some(libc::ENOENT) => Ok(Existing::None),
-            _ => Err(annotate(err, format!("semget(key=0x{key:x}, nsems=0, flags=0)"))),
+            _ => Err(annotate(
+                err,
+                format!("semget(key=0x{key:x}, nsems=0, flags=0)"),
+            )),
         };
     }
     // SAFETY: GETPID takes no fourth argument.
@@ -64,8 +67,10 @@ pub fn inspect(key: i32) -> io::Result<Existing> {
 /// Removes the set `id` (`IPC_RMID`); processes waiting on it get `EIDRM`.
 pub fn remove(id: i32) -> io::Result<()> {
     // SAFETY: IPC_RMID takes no fourth argument.
-    cvt(unsafe { libc::semctl(id, 0, libc::IPC_RMID) }, || format!("semctl(id={id}, IPC_RMID)"))
-        .map(drop)
+    cvt(unsafe { libc::semctl(id, 0, libc::IPC_RMID) }, || {
+        format!("semctl(id={id}, IPC_RMID)")
+    })
+    .map(drop)
 }
 
 /// One operation on one semaphore of the set: add `delta` to semaphore
@@ -92,17 +97,19 @@ impl SemaphoreSet {
         let count = initial.len();
         let flags = libc::IPC_CREAT | libc::IPC_EXCL | 0o600;
         // SAFETY: semget takes plain integers.
-        let id = cvt(unsafe { libc::semget(key, count as libc::c_int, flags) }, || {
-            format!("semget(key=0x{key:x}, nsems={count}, IPC_CREAT|IPC_EXCL|0600)")
-        })?;
+        let id = cvt(
+            unsafe { libc::semget(key, count as libc::c_int, flags) },
+            || format!("semget(key=0x{key:x}, nsems={count}, IPC_CREAT|IPC_EXCL|0600)"),
+        )?;
         let set = SemaphoreSet { id, key, count };
         let mut values: Vec<libc::c_ushort> = initial.to_vec();
         // SAFETY: SETALL reads `count` unsigned shorts through the pointer,
         // which is the `array` member of the C union semun; `values` holds
         // exactly `count` of them and outlives the call.
-        let set_all = cvt(unsafe { libc::semctl(id, 0, libc::SETALL, values.as_mut_ptr()) }, || {
-            format!("semctl(id={id}, SETALL, {initial:?})")
-        });
+        let set_all = cvt(
+            unsafe { libc::semctl(id, 0, libc::SETALL, values.as_mut_ptr()) },
+            || format!("semctl(id={id}, SETALL, {initial:?})"),
+        );
         if let Err(err) = set_all {
             let _ = remove(id);
             return Err(err);
@@ -125,10 +132,21 @@ impl SemaphoreSet {
     /// an op with [`NOWAIT`] that would block also returns `Ok(false)`.
     pub fn apply(&self, ops: &[Op], timeout: Option<Duration>) -> io::Result<bool> {
         debug_assert!(ops.iter().all(|op| (op.index as usize) < self.count));
-        let mut bufs = [libc::sembuf { sem_num: 0, sem_op: 0, sem_flg: 0 }; 4];
-        assert!(ops.len() <= bufs.len(), "at most 4 semaphore operations at once");
+        let mut bufs = [libc::sembuf {
+            sem_num: 0,
+            sem_op: 0,
+            sem_flg: 0,
+        }; 4];
+        assert!(
+            ops.len() <= bufs.len(),
+            "at most 4 semaphore operations at once"
+        );
         for (buf, op) in bufs.iter_mut().zip(ops) {
-            *buf = libc::sembuf { sem_num: op.index, sem_op: op.delta, sem_flg: op.flags };
+            *buf = libc::sembuf {
+                sem_num: op.index,
+                sem_op: op.delta,
+                sem_flg: op.flags,
+            };
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
@@ -165,9 +183,10 @@ impl SemaphoreSet {
     /// The current value of semaphore `index`.
     pub fn value(&self, index: u16) -> io::Result<u32> {
         // SAFETY: GETVAL takes no fourth argument.
-        let v = cvt(unsafe { libc::semctl(self.id, index as libc::c_int, libc::GETVAL) }, || {
-            format!("semctl(id={}, {index}, GETVAL)", self.id)
-        })?;
+        let v = cvt(
+            unsafe { libc::semctl(self.id, index as libc::c_int, libc::GETVAL) },
+            || format!("semctl(id={}, {index}, GETVAL)", self.id),
+        )?;
         Ok(v as u32)
     }
 

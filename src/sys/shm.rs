@@ -18,7 +18,11 @@ pub enum Existing {
     /// A segment exists and no process is attached: left by a crash.
     Orphan { id: i32 },
     /// A segment exists and `attached` processes use it.
-    InUse { id: i32, attached: u64, creator_pid: i32 },
+    InUse {
+        id: i32,
+        attached: u64,
+        creator_pid: i32,
+    },
 }
 
 /// Looks up the segment with `key` without creating or attaching it.
@@ -30,7 +34,10 @@ pub fn inspect(key: i32) -> io::Result<Existing> {
         let err = io::Error::last_os_error();
         return match err.raw_os_error() {
             Some(libc::ENOENT) => Ok(Existing::None),
-            _ => Err(annotate(err, format!("shmget(key=0x{key:x}, size=0, flags=0)"))),
+            _ => Err(annotate(
+                err,
+                format!("shmget(key=0x{key:x}, size=0, flags=0)"),
+            )),
         };
     }
     // SAFETY: shmid_ds is plain old data; all-zero is a valid value.
@@ -42,7 +49,11 @@ pub fn inspect(key: i32) -> io::Result<Existing> {
     if ds.shm_nattch == 0 {
         Ok(Existing::Orphan { id })
     } else {
-        Ok(Existing::InUse { id, attached: ds.shm_nattch as u64, creator_pid: ds.shm_cpid })
+        Ok(Existing::InUse {
+            id,
+            attached: ds.shm_nattch as u64,
+            creator_pid: ds.shm_cpid,
+        })
     }
 }
 
@@ -50,9 +61,10 @@ pub fn inspect(key: i32) -> io::Result<Existing> {
 /// mapping until they detach; the key is free at once.
 pub fn remove(id: i32) -> io::Result<()> {
     // SAFETY: IPC_RMID takes no buffer; a null pointer is what it expects.
-    cvt(unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) }, || {
-        format!("shmctl(id={id}, IPC_RMID)")
-    })
+    cvt(
+        unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) },
+        || format!("shmctl(id={id}, IPC_RMID)"),
+    )
     .map(drop)
 }
 
@@ -90,7 +102,12 @@ impl Segment {
             let _ = remove(id);
             return Err(err);
         }
-        let segment = Segment { id, key, ptr: ptr.cast::<u8>(), len };
+        let segment = Segment {
+            id,
+            key,
+            ptr: ptr.cast::<u8>(),
+            len,
+        };
         Ok(segment)
     }
 
@@ -120,7 +137,11 @@ impl Segment {
     /// If the range is outside the segment: a programmer error.
     pub fn read(&self, offset: usize, out: &mut [u8]) {
         let end = offset.checked_add(out.len()).expect("range overflow");
-        assert!(end <= self.len, "read {offset}..{end} outside segment of {}", self.len);
+        assert!(
+            end <= self.len,
+            "read {offset}..{end} outside segment of {}",
+            self.len
+        );
         // SAFETY: the range was checked to lie inside the live mapping, and
         // `out` is a distinct, writable buffer of exactly that length.
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), out.as_mut_ptr(), out.len()) }
@@ -132,7 +153,11 @@ impl Segment {
     /// If the range is outside the segment: a programmer error.
     pub fn write(&self, offset: usize, data: &[u8]) {
         let end = offset.checked_add(data.len()).expect("range overflow");
-        assert!(end <= self.len, "write {offset}..{end} outside segment of {}", self.len);
+        assert!(
+            end <= self.len,
+            "write {offset}..{end} outside segment of {}",
+            self.len
+        );
         // SAFETY: the range was checked to lie inside the live mapping, and
         // `data` is a separate buffer that cannot overlap it.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset), data.len()) }

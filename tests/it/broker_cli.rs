@@ -9,9 +9,24 @@ fn help_and_version_go_to_stdout_and_exit_0() {
     assert!(help.status.success(), "{}", show(&help));
     let text = String::from_utf8_lossy(&help.stdout);
     for option in [
-        "--port", "--bind", "--capacity", "--max-msg-size", "--max-clients", "--idle-timeout",
-        "--consumer-ttl", "--ack-wait", "--send-timeout", "--shm-key", "--sem-key", "--fsync",
-        "--fsync-interval", "--log-file", "--log-level", "--repair", "--help", "--version",
+        "--port",
+        "--bind",
+        "--capacity",
+        "--max-msg-size",
+        "--max-clients",
+        "--idle-timeout",
+        "--consumer-ttl",
+        "--ack-wait",
+        "--send-timeout",
+        "--shm-key",
+        "--sem-key",
+        "--fsync",
+        "--fsync-interval",
+        "--log-file",
+        "--log-level",
+        "--repair",
+        "--help",
+        "--version",
     ] {
         assert!(text.contains(option), "help lacks {option}:\n{text}");
     }
@@ -41,8 +56,14 @@ fn bad_options_exit_2_with_one_line_and_the_usage() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}\n{}", show(&output));
         let first = stderr.lines().next().unwrap_or("");
-        assert!(first.starts_with("broker: ") && first.contains(quoted), "{args:?}: {first}");
-        assert!(stderr.contains("usage: broker"), "{args:?}: no usage\n{stderr}");
+        assert!(
+            first.starts_with("broker: ") && first.contains(quoted),
+            "{args:?}: {first}"
+        );
+        assert!(
+            stderr.contains("usage: broker"),
+            "{args:?}: no usage\n{stderr}"
+        );
         assert!(output.stdout.is_empty());
     }
 }

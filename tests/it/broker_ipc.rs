@@ -11,10 +11,15 @@ use crate::util::*;
 
 /// The `ipcs` line for `key` in section `-m` or `-s`, if any.
 fn ipcs_line(section: &str, key: i32) -> Option<String> {
-    let output = Command::new("ipcs").arg(section).output().expect("run ipcs");
+    let output = Command::new("ipcs")
+        .arg(section)
+        .output()
+        .expect("run ipcs");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let hex = format!("0x{:08x}", key as u32);
-    text.lines().find(|line| line.starts_with(&hex)).map(str::to_string)
+    text.lines()
+        .find(|line| line.starts_with(&hex))
+        .map(str::to_string)
 }
 
 #[test]
@@ -36,7 +41,13 @@ fn segment_and_semaphores_exist_with_mode_0600_and_go_away_on_sigterm() {
     assert!(broker.terminate().success());
     assert_eq!(ipcs_line("-m", broker.shm_key), None);
     assert_eq!(ipcs_line("-s", broker.sem_key), None);
-    assert!(broker.log_text().contains("shared memory and semaphores removed"), "{}", broker.log_text());
+    assert!(
+        broker
+            .log_text()
+            .contains("shared memory and semaphores removed"),
+        "{}",
+        broker.log_text()
+    );
 }
 
 #[test]
@@ -48,8 +59,14 @@ fn orphans_of_a_killed_broker_are_removed_with_a_warning() {
     drop(p);
     broker.kill();
     // SIGKILL leaves both objects behind, with nobody attached.
-    assert!(matches!(shm::inspect(broker.shm_key).unwrap(), shm::Existing::Orphan { .. }));
-    assert!(matches!(sem::inspect(broker.sem_key).unwrap(), sem::Existing::Orphan { .. }));
+    assert!(matches!(
+        shm::inspect(broker.shm_key).unwrap(),
+        shm::Existing::Orphan { .. }
+    ));
+    assert!(matches!(
+        sem::inspect(broker.sem_key).unwrap(),
+        sem::Existing::Orphan { .. }
+    ));
     broker.restart();
     let warnings = broker.stderr();
     let shm_hex = format!("0x{:x}", broker.shm_key);
@@ -58,7 +75,10 @@ fn orphans_of_a_killed_broker_are_removed_with_a_warning() {
         warnings.contains("orphaned shared memory segment") && warnings.contains(&shm_hex),
         "{warnings}"
     );
-    assert!(warnings.contains("orphaned semaphore set") && warnings.contains(&sem_hex), "{warnings}");
+    assert!(
+        warnings.contains("orphaned semaphore set") && warnings.contains(&sem_hex),
+        "{warnings}"
+    );
     let mut c = broker.consumer("after");
     c.expect("GET", "MSG:1:survives");
 }
@@ -74,7 +94,9 @@ fn keys_in_use_by_a_live_broker_are_refused() {
     second.kill();
     remove_ipc(second.shm_key, second.sem_key);
     second.shm_key = first.shm_key;
-    let err = second.launch(0).expect_err("a second broker on the same keys must not start");
+    let err = second
+        .launch(0)
+        .expect_err("a second broker on the same keys must not start");
     assert!(err.contains("status exit status: 1"), "{err}");
     let hex = format!("0x{:x}", first.shm_key);
     assert!(err.contains(&hex) && err.contains("--shm-key"), "{err}");
@@ -82,7 +104,9 @@ fn keys_in_use_by_a_live_broker_are_refused() {
     // Same semaphore key only.
     second.shm_key = fresh_keys().0;
     second.sem_key = first.sem_key;
-    let err = second.launch(0).expect_err("a second broker on the same semaphore key must not start");
+    let err = second
+        .launch(0)
+        .expect_err("a second broker on the same semaphore key must not start");
     let hex = format!("0x{:x}", first.sem_key);
     assert!(err.contains(&hex) && err.contains("--sem-key"), "{err}");
     // The refusal touched nothing: the first broker still serves.

@@ -20,7 +20,10 @@ fn a_full_queue_waits_a_bounded_time_then_says_queue_full() {
     }
     let started = Instant::now();
     p.expect("SEND:m6", "ERROR:Queue full");
-    assert!(started.elapsed() >= Duration::from_millis(250), "did not wait for room");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "did not wait for room"
+    );
     // Nothing was dropped to make room, and the connection still works.
     slow.expect("GET", "MSG:1:m1");
     slow.expect("GET", "MSG:2:m2");
@@ -67,8 +70,17 @@ fn with_no_cursor_messages_are_held_for_consumers_to_come() {
 #[test]
 fn an_expired_cursor_stops_holding_messages() {
     let dir = TestDir::new("limits-ttl");
-    let broker =
-        Broker::start(&dir, &["--capacity", "3", "--send-timeout", "100", "--consumer-ttl", "1"]);
+    let broker = Broker::start(
+        &dir,
+        &[
+            "--capacity",
+            "3",
+            "--send-timeout",
+            "100",
+            "--consumer-ttl",
+            "1",
+        ],
+    );
     let mut gone = broker.consumer("gone");
     gone.expect("QUIT", "OK:BYE");
     let mut live = broker.consumer("live");
@@ -88,7 +100,11 @@ fn an_expired_cursor_stops_holding_messages() {
         }
         ok
     });
-    assert!(broker.log_text().contains("consumer gone expired"), "{}", broker.log_text());
+    assert!(
+        broker.log_text().contains("consumer gone expired"),
+        "{}",
+        broker.log_text()
+    );
     assert_eq!(broker.stat("cursors"), 1);
 }
 
@@ -120,10 +136,16 @@ fn over_long_lines_get_message_too_large_and_the_connection_stays_usable() {
     let broker = Broker::start(&dir, &["--max-msg-size", "1024"]);
     let mut p = broker.producer();
     // Content just over the limit on a line within the line limit.
-    p.expect(&format!("SEND:{}", "x".repeat(1025)), "ERROR:Message too large");
+    p.expect(
+        &format!("SEND:{}", "x".repeat(1025)),
+        "ERROR:Message too large",
+    );
     p.expect(&format!("SEND:{}", "x".repeat(1024)), "OK:MSG_ID:1");
     // A line over the line limit (1024 + 64), with its newline.
-    p.expect(&format!("SEND:{}", "y".repeat(5000)), "ERROR:Message too large");
+    p.expect(
+        &format!("SEND:{}", "y".repeat(5000)),
+        "ERROR:Message too large",
+    );
     p.expect("SEND:after", "OK:MSG_ID:2");
     // Any command can be too long, registered or not.
     let mut anon = broker.connect();
@@ -147,7 +169,10 @@ fn a_100_mb_line_without_newline_is_refused_early_with_bounded_memory() {
         p.stream.write_all(&chunk).unwrap();
     }
     let after = broker.rss_kib();
-    assert!(after < before + 8 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    assert!(
+        after < before + 8 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
     // The rest of the line is discarded; the next line is served.
     p.send("");
     p.expect("SEND:next", "OK:MSG_ID:2");
@@ -174,7 +199,10 @@ fn idle_clients_are_dropped_even_when_trickling_half_a_line() {
                 break;
             }
             Err(err) => assert!(
-                matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
                 "{err}"
             ),
         }
@@ -215,7 +243,10 @@ fn a_client_that_stops_reading_blocks_nobody_else() {
     let mut p2 = broker.producer();
     p2.send("SEND:still moving");
     let reply = p2.reply();
-    assert!(reply.starts_with("OK:MSG_ID:") || reply == "ERROR:Queue full", "{reply}");
+    assert!(
+        reply.starts_with("OK:MSG_ID:") || reply == "ERROR:Queue full",
+        "{reply}"
+    );
     assert!(broker.stat("connections") >= 4);
 }
 
@@ -226,7 +257,11 @@ fn sigterm_with_100_clients_answers_in_flight_says_shutting_down_to_each_and_exi
     let mut clients = Vec::new();
     // 99 idle clients and one busy one: the default --max-clients 100.
     for n in 0..99 {
-        let mut c = if n % 2 == 0 { broker.producer() } else { broker.consumer(&format!("c{n}")) };
+        let mut c = if n % 2 == 0 {
+            broker.producer()
+        } else {
+            broker.consumer(&format!("c{n}"))
+        };
         c.expect("HEARTBEAT:1", "OK:HEARTBEAT");
         clients.push(c);
     }
@@ -240,7 +275,11 @@ fn sigterm_with_100_clients_answers_in_flight_says_shutting_down_to_each_and_exi
     let started = Instant::now();
     let status = broker.terminate();
     assert!(status.success(), "{status}");
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
     for c in &mut clients {
         let rest = c.rest();
         let lines: Vec<&str> = rest.lines().filter(|l| !l.starts_with("NOTIFY:")).collect();

@@ -19,8 +19,14 @@ fn a_whole_conversation_with_exact_replies() {
     c.send("STATS");
     assert!(c.line().starts_with("OK:STATS:"));
     c.expect("REGISTER:NOBODY", "ERROR:Invalid registration message");
-    c.expect("REGISTER:CONSUMER:bad id", "ERROR:Invalid registration message");
-    c.expect("REGISTER:CONSUMER:x:ACK", "ERROR:Invalid registration message");
+    c.expect(
+        "REGISTER:CONSUMER:bad id",
+        "ERROR:Invalid registration message",
+    );
+    c.expect(
+        "REGISTER:CONSUMER:x:ACK",
+        "ERROR:Invalid registration message",
+    );
     c.expect("REGISTER:PRODUCER", "OK:PRODUCER");
     c.expect("REGISTER:PRODUCER", "ERROR:Already registered");
     c.expect("REGISTER:CONSUMER:a", "ERROR:Already registered");
@@ -114,9 +120,15 @@ fn assigned_ids_are_decimal_new_and_never_clash_with_chosen_ones() {
     }
     let long = "a".repeat(64);
     let mut c = broker.connect();
-    c.expect(&format!("REGISTER:CONSUMER:{long}"), &format!("OK:CONSUMER:{long}"));
+    c.expect(
+        &format!("REGISTER:CONSUMER:{long}"),
+        &format!("OK:CONSUMER:{long}"),
+    );
     let mut c = broker.connect();
-    c.expect(&format!("REGISTER:CONSUMER:{long}a"), "ERROR:Invalid registration message");
+    c.expect(
+        &format!("REGISTER:CONSUMER:{long}a"),
+        "ERROR:Invalid registration message",
+    );
 }
 
 #[test]
@@ -144,7 +156,12 @@ fn different_ids_each_get_every_message_and_one_id_shares_the_work() {
         for c in [&mut w1, &mut w2] {
             c.send("GET");
             let line = c.reply();
-            let id: u64 = line.split(':').nth(1).unwrap().parse().unwrap_or_else(|_| panic!("{round}: {line}"));
+            let id: u64 = line
+                .split(':')
+                .nth(1)
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("{round}: {line}"));
             seen.push(id);
         }
     }
@@ -186,7 +203,11 @@ fn notify_on_registration_with_backlog_and_at_most_one_until_get() {
     p.expect("SEND:second", "OK:MSG_ID:2");
     p.expect("SEND:third", "OK:MSG_ID:3");
     c.send("GET");
-    assert_eq!(c.line(), "MSG:1:first", "a second NOTIFY came before the GET");
+    assert_eq!(
+        c.line(),
+        "MSG:1:first",
+        "a second NOTIFY came before the GET"
+    );
     // After the GET, the next arrival notifies once, with the count waiting.
     p.expect("SEND:fourth", "OK:MSG_ID:4");
     assert_eq!(c.line(), "NOTIFY:MESSAGES_AVAILABLE:3");

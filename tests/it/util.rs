@@ -74,17 +74,22 @@ pub fn fresh_keys() -> (i32, i32) {
 
 /// Removes the IPC objects with these keys, whoever left them.
 pub fn remove_ipc(shm_key: i32, sem_key: i32) {
-    if let Ok(shm::Existing::Orphan { id } | shm::Existing::InUse { id, .. }) = shm::inspect(shm_key) {
+    if let Ok(shm::Existing::Orphan { id } | shm::Existing::InUse { id, .. }) =
+        shm::inspect(shm_key)
+    {
         let _ = shm::remove(id);
     }
-    if let Ok(sem::Existing::Orphan { id } | sem::Existing::InUse { id, .. }) = sem::inspect(sem_key) {
+    if let Ok(sem::Existing::Orphan { id } | sem::Existing::InUse { id, .. }) =
+        sem::inspect(sem_key)
+    {
         let _ = sem::remove(id);
     }
 }
 
 /// Whether any IPC object with these keys exists.
 pub fn ipc_exists(shm_key: i32, sem_key: i32) -> bool {
-    shm::inspect(shm_key).unwrap() != shm::Existing::None || sem::inspect(sem_key).unwrap() != sem::Existing::None
+    shm::inspect(shm_key).unwrap() != shm::Existing::None
+        || sem::inspect(sem_key).unwrap() != sem::Existing::None
 }
 
 /// A broker under test.
@@ -113,7 +118,9 @@ impl Broker {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             stderr_path: dir.join(&format!("broker-{}.stderr", unique())),
         };
-        broker.launch(0).unwrap_or_else(|output| panic!("broker did not start:\n{output}"));
+        broker
+            .launch(0)
+            .unwrap_or_else(|output| panic!("broker did not start:\n{output}"));
         broker
     }
 
@@ -204,7 +211,10 @@ impl Broker {
         os::request_stop(child.id(), false).unwrap();
         wait_child(&mut child, WAIT).unwrap_or_else(|| {
             let _ = child.kill();
-            panic!("broker did not exit within {WAIT:?} of SIGTERM\n{}", self.stderr())
+            panic!(
+                "broker did not exit within {WAIT:?} of SIGTERM\n{}",
+                self.stderr()
+            )
         })
     }
 
@@ -212,7 +222,8 @@ impl Broker {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop it first");
         let port = self.port;
-        self.launch(port).unwrap_or_else(|output| panic!("broker did not restart:\n{output}"));
+        self.launch(port)
+            .unwrap_or_else(|output| panic!("broker did not restart:\n{output}"));
     }
 
     pub fn connect(&self) -> Client {
@@ -255,9 +266,14 @@ impl Broker {
 
 /// The value of `key` in a `OK:STATS:` line.
 pub fn stat_value(line: &str, key: &str) -> u64 {
-    let body = line.strip_prefix("OK:STATS:").unwrap_or_else(|| panic!("not a STATS line: {line}"));
+    let body = line
+        .strip_prefix("OK:STATS:")
+        .unwrap_or_else(|| panic!("not a STATS line: {line}"));
     body.split(' ')
-        .find_map(|pair| pair.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
+        .find_map(|pair| {
+            pair.strip_prefix(key)
+                .and_then(|rest| rest.strip_prefix('='))
+        })
         .unwrap_or_else(|| panic!("no {key} in {line}"))
         .parse()
         .unwrap()
@@ -268,7 +284,11 @@ impl Drop for Broker {
         self.kill();
         remove_ipc(self.shm_key, self.sem_key);
         if std::thread::panicking() {
-            eprintln!("broker stderr:\n{}\nbroker log:\n{}", self.stderr(), self.log_text());
+            eprintln!(
+                "broker stderr:\n{}\nbroker log:\n{}",
+                self.stderr(),
+                self.log_text()
+            );
         }
     }
 }
@@ -290,7 +310,11 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 /// Runs a program to completion (bounded by [`WAIT`]) with `stdin` as input.
 pub fn run(program: &str, args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Output {
     let mut command = Command::new(bin(program));
-    command.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for var in ["BROKER_HOST", "BROKER_PORT", "SERVER_IP", "SERVER_PORT"] {
         command.env_remove(var);
     }
@@ -327,11 +351,19 @@ pub fn wait_output(mut child: Child, limit: Duration) -> Output {
         None => {
             let _ = child.kill();
             let status = child.wait().unwrap();
-            let output = Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() };
+            let output = Output {
+                status,
+                stdout: out.join().unwrap(),
+                stderr: err.join().unwrap(),
+            };
             panic!("process ran past {limit:?}:\n{}", show(&output));
         }
     };
-    Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 /// A readable account of a process's output, for failure messages.
@@ -371,8 +403,15 @@ impl Client {
     /// The next line as bytes, without its `\n`.
     pub fn line_bytes(&mut self) -> Vec<u8> {
         let mut line = Vec::new();
-        self.reader.read_until(b'\n', &mut line).expect("read from broker");
-        assert_eq!(line.pop(), Some(b'\n'), "connection closed; got {:?}", String::from_utf8_lossy(&line));
+        self.reader
+            .read_until(b'\n', &mut line)
+            .expect("read from broker");
+        assert_eq!(
+            line.pop(),
+            Some(b'\n'),
+            "connection closed; got {:?}",
+            String::from_utf8_lossy(&line)
+        );
         line
     }
 
