@@ -20,7 +20,17 @@ build() {
 run_tests() {
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
-    cargo test --locked --release
+    local log
+    log="$(mktemp)"
+    # Unit tests, then the integration tests in tests/it (no doc tests:
+    # the crate's examples are not meant to run).
+    cargo test --locked --release --all-targets 2>&1 | tee "$log"
+    local status=${PIPESTATUS[0]}
+    # One closing line with the totals of every test binary.
+    awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+         END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+    rm -f "$log"
+    return "$status"
 }
 
 demo() {

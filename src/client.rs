@@ -16,12 +16,18 @@ use crate::protocol::{self, ErrorCode, Line, LineReader, Reply};
 
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a reply may take before the connection is considered lost.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// A heartbeat is sent after this long without traffic: well inside the
-/// broker's default idle timeout (300 s), and short enough for a broker
-/// started with a small one.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(20);
+/// How long a reply may take before the connection is considered lost:
+/// longer than the longest `SEND` wait a broker may be configured with
+/// (`--send-timeout` up to 60 s), so a full queue is not taken for a hang.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(75);
+/// A heartbeat is sent after this long without traffic (`--heartbeat`):
+/// well inside the broker's default idle timeout (300 s).
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(20);
+/// The shortest heartbeat period the clients adapt down to: below the
+/// broker's smallest idle timeout (1 s).
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(500);
+/// Longest `--heartbeat` accepted, in seconds.
+pub const MAX_HEARTBEAT_S: u64 = 3600;
 /// Longest reply line a client accepts: the broker's largest message
 /// size plus the protocol's overhead.
 pub const MAX_REPLY_LINE: usize = crate::config::MAX_MSG_SIZE as usize + protocol::LINE_OVERHEAD;
@@ -51,17 +57,25 @@ impl Endpoint {
     pub fn resolve(
         host: Option<String>,
         port: Option<u16>,
-        legacy: Option<(&str, &str)>,
+        legacy: Option<(&'static str, &'static str)>,
     ) -> Result<Endpoint, UsageError> {
-        let from_env = |names: &[&str]| names.iter().find_map(|name| env::var(name).ok().filter(|v| !v.is_empty()));
+        let from_env = |names: &[&'static str]| {
+            names.iter().find_map(|&name| {
+                env::var(name)
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .map(|v| (name, v))
+            })
+        };
         let (legacy_host, legacy_port) = legacy.unwrap_or(("BROKER_HOST", "BROKER_PORT"));
         let host = host
-            .or_else(|| from_env(&["BROKER_HOST", legacy_host]))
+            .or_else(|| from_env(&["BROKER_HOST", legacy_host]).map(|(_, value)| value))
             .unwrap_or_else(|| "localhost".to_string());
         let port = match port {
             Some(port) => port,
             None => match from_env(&["BROKER_PORT", legacy_port]) {
-                Some(text) => parse_number(&text, "BROKER_PORT", 1, 65535)?,
+                // The error names the variable the value came from.
+                Some((name, text)) => parse_number(&text, name, 1, 65535)?,
                 None => 8080,
             },
         };
@@ -85,8 +99,16 @@ impl Backoff {
 
     /// A backoff that gives up after `limit` attempts (`None`: never).
     pub fn new(limit: Option<u32>) -> Backoff {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        Backoff { step: Backoff::FIRST, attempts: 0, limit, seed: nanos ^ u64::from(std::process::id()) | 1 }
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Backoff {
+            step: Backoff::FIRST,
+            attempts: 0,
+            limit,
+            seed: (nanos ^ u64::from(std::process::id())) | 1,
+        }
     }
 
     /// Attempts made since the last success.
@@ -204,28 +226,48 @@ impl Connection {
     }
 
     /// The next line from the broker, waiting at most until `deadline`
-    /// (`Ok(None)` when it passes). End of stream is an error.
+    /// (`Ok(None)` when it passes). A deadline already past still takes
+    /// what has arrived, without blocking, so an idle client notices a
+    /// close or an `ERROR:Idle timeout`. End of stream is an error.
     pub fn read_line(&mut self, deadline: Instant) -> io::Result<Option<Vec<u8>>> {
+        let mut polled = false;
         loop {
             if let Some(line) = self.lines.pop_front() {
                 return Ok(Some(line));
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            let timeout = Some(left.max(Duration::from_millis(1)));
-            if self.read_timeout != timeout {
-                self.stream.set_read_timeout(timeout)?;
-                self.read_timeout = timeout;
-            }
-            let n = match self.stream.read(self.reader.spare()) {
+            let read = if left.is_zero() {
+                if polled {
+                    return Ok(None);
+                }
+                polled = true;
+                self.stream.set_nonblocking(true)?;
+                let read = self.stream.read(self.reader.spare());
+                self.stream.set_nonblocking(false)?;
+                read
+            } else {
+                let timeout = Some(left.max(Duration::from_millis(1)));
+                if self.read_timeout != timeout {
+                    self.stream.set_read_timeout(timeout)?;
+                    self.read_timeout = timeout;
+                }
+                self.stream.read(self.reader.spare())
+            };
+            let n = match read {
                 Ok(0) => {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the broker closed the connection"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the broker closed the connection",
+                    ));
                 }
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return Ok(None);
                 }
                 Err(err) => return Err(err),
@@ -233,9 +275,14 @@ impl Connection {
             self.reader.filled(n);
             while let Some(line) = self.reader.next_line() {
                 match line {
-                    Line::Complete(range) => self.lines.push_back(self.reader.bytes(range).to_vec()),
+                    Line::Complete(range) => {
+                        self.lines.push_back(self.reader.bytes(range).to_vec())
+                    }
                     Line::TooLong => {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, "reply line too long"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "reply line too long",
+                        ));
                     }
                 }
             }
@@ -248,7 +295,10 @@ impl Connection {
         let deadline = Instant::now() + REPLY_TIMEOUT;
         loop {
             let Some(line) = self.read_line(deadline)? else {
-                return Err(ClientError::Io(io::Error::new(io::ErrorKind::TimedOut, "no reply from the broker")));
+                return Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no reply from the broker",
+                )));
             };
             match protocol::parse_reply(&line) {
                 Reply::Notify(_) => continue,
@@ -262,7 +312,9 @@ impl Connection {
     pub fn register_producer(&mut self) -> Result<(), ClientError> {
         let reply = self.request(b"REGISTER:PRODUCER")?;
         if reply != b"OK:PRODUCER" {
-            return Err(ClientError::Protocol(String::from_utf8_lossy(&reply).into_owned()));
+            return Err(ClientError::Protocol(
+                String::from_utf8_lossy(&reply).into_owned(),
+            ));
         }
         Ok(())
     }
@@ -277,14 +329,21 @@ impl Connection {
         };
         let reply = self.request(request.as_bytes())?;
         match reply.strip_prefix(b"OK:CONSUMER:") {
-            Some(id) if protocol::valid_consumer_id(id) => Ok(String::from_utf8_lossy(id).into_owned()),
-            _ => Err(ClientError::Protocol(String::from_utf8_lossy(&reply).into_owned())),
+            Some(id) if protocol::valid_consumer_id(id) => {
+                Ok(String::from_utf8_lossy(id).into_owned())
+            }
+            _ => Err(ClientError::Protocol(
+                String::from_utf8_lossy(&reply).into_owned(),
+            )),
         }
     }
 
     /// `HEARTBEAT:<unix time>` (the reply comes later, like any other).
     pub fn queue_heartbeat(&mut self) {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         self.out.extend_from_slice(b"HEARTBEAT:");
         protocol::push_u64(&mut self.out, now);
         self.out.push(b'\n');
@@ -298,18 +357,24 @@ impl Connection {
 }
 
 /// Connects and runs `setup` (registration), retrying with `backoff` on
-/// failures that may pass; prints one line per failed attempt on stderr.
+/// failures that may pass (no connection, a lost one, `ERROR:Server is
+/// full`, `ERROR:Shutting down`, `ERROR:Idle timeout`); prints one line per
+/// failed attempt on stderr. Gives up when the backoff's limit is spent or
+/// the next attempt would start after `give_up_at`.
 pub fn connect_with_retry<T>(
     program: &str,
     endpoint: &Endpoint,
     backoff: &mut Backoff,
+    give_up_at: Option<Instant>,
     mut setup: impl FnMut(&mut Connection) -> Result<T, ClientError>,
 ) -> Result<(Connection, T), ClientError> {
     loop {
-        let attempt = Connection::connect(endpoint).map_err(ClientError::Io).and_then(|mut conn| {
-            let value = setup(&mut conn)?;
-            Ok((conn, value))
-        });
+        let attempt = Connection::connect(endpoint)
+            .map_err(ClientError::Io)
+            .and_then(|mut conn| {
+                let value = setup(&mut conn)?;
+                Ok((conn, value))
+            });
         let err = match attempt {
             Ok(done) => {
                 backoff.reset();
@@ -320,25 +385,33 @@ pub fn connect_with_retry<T>(
         let retryable = match &err {
             ClientError::Io(_) => true,
             ClientError::Refused(code) => {
-                matches!(code, ErrorCode::ServerFull | ErrorCode::ShuttingDown | ErrorCode::IdleTimeout)
+                matches!(
+                    code,
+                    ErrorCode::ServerFull | ErrorCode::ShuttingDown | ErrorCode::IdleTimeout
+                )
             }
             ClientError::Protocol(_) => false,
         };
         if !retryable {
             return Err(err);
         }
-        match backoff.next_wait() {
-            Some(wait) => {
-                eprintln!(
-                    "{program}: cannot reach the broker at {endpoint} ({err}); retry {} in {} ms",
-                    backoff.attempts(),
-                    wait.as_millis()
-                );
-                std::thread::sleep(wait);
-            }
-            None => return Err(err),
-        }
+        let wait = match backoff.next_wait() {
+            Some(wait) if give_up_at.is_none_or(|at| Instant::now() + wait <= at) => wait,
+            _ => return Err(err),
+        };
+        eprintln!(
+            "{program}: no connection to the broker at {endpoint} ({err}); retry {} in {} ms",
+            backoff.attempts(),
+            wait.as_millis()
+        );
+        std::thread::sleep(wait);
     }
+}
+
+/// The heartbeat period to use after the broker dropped a client for
+/// idleness: half the current one, down to [`MIN_HEARTBEAT`].
+pub fn shorter_heartbeat(current: Duration) -> Duration {
+    (current / 2).max(MIN_HEARTBEAT)
 }
 
 #[cfg(test)]
@@ -351,7 +424,10 @@ mod tests {
         let mut step = Backoff::FIRST;
         for _ in 0..12 {
             let wait = backoff.next_wait().unwrap();
-            assert!(wait >= step / 2 && wait <= step, "{wait:?} for step {step:?}");
+            assert!(
+                wait >= step / 2 && wait <= step,
+                "{wait:?} for step {step:?}"
+            );
             step = (step * 2).min(Backoff::MAX);
         }
         assert_eq!(backoff.next_wait(), None);
@@ -360,8 +436,24 @@ mod tests {
     }
 
     #[test]
+    fn heartbeat_halves_down_to_the_minimum() {
+        assert_eq!(
+            shorter_heartbeat(DEFAULT_HEARTBEAT),
+            Duration::from_secs(10)
+        );
+        let mut heartbeat = DEFAULT_HEARTBEAT;
+        for _ in 0..10 {
+            heartbeat = shorter_heartbeat(heartbeat);
+        }
+        assert_eq!(heartbeat, MIN_HEARTBEAT);
+    }
+
+    #[test]
     fn endpoint_display() {
-        let endpoint = Endpoint { host: "::1".into(), port: 7 };
+        let endpoint = Endpoint {
+            host: "::1".into(),
+            port: 7,
+        };
         assert_eq!(endpoint.to_string(), "[::1]:7");
     }
 }

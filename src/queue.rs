@@ -220,16 +220,22 @@ impl Ring {
     }
 
     /// Takes up to `want` free slots, waiting until `deadline` for at least
-    /// one when none is free. Returns how many were taken (0: the ring
-    /// stayed full). The caller must push or [`unreserve`](Self::unreserve)
-    /// each of them.
-    pub fn reserve(&self, want: usize, deadline: Instant) -> io::Result<usize> {
+    /// one when none is free, in slices of at most [`WAIT_SLICE`] so that
+    /// `give_up` (a shutdown) is noticed. Returns how many were taken (0:
+    /// the ring stayed full). The caller must push or
+    /// [`unreserve`](Self::unreserve) each of them.
+    pub fn reserve(
+        &self,
+        want: usize,
+        deadline: Instant,
+        give_up: &dyn Fn() -> bool,
+    ) -> io::Result<usize> {
         let want = want.min(self.capacity as usize);
-        // Several senders may race for the same free slots; each round
-        // either takes some or waits, so a few rounds always suffice.
-        for _ in 0..64 {
+        loop {
             let free = self.sems.value(EMPTY)? as usize;
             if free > 0 {
+                // Several senders may race for these slots: take them without
+                // waiting, and look again if another sender was faster.
                 let n = want.min(free);
                 let op = Op {
                     index: EMPTY,
@@ -242,7 +248,7 @@ impl Ring {
                 continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || give_up() {
                 return Ok(0);
             }
             let op = Op {
@@ -250,12 +256,10 @@ impl Ring {
                 delta: -1,
                 flags: 0,
             };
-            if !self.sems.apply(&[op], Some(left))? {
-                return Ok(0);
+            if self.sems.apply(&[op], Some(left.min(WAIT_SLICE)))? {
+                return Ok(1);
             }
-            return Ok(1);
         }
-        Ok(0)
     }
 
     /// Gives back `n` slots taken by [`reserve`](Self::reserve) and not used.
@@ -475,6 +479,9 @@ impl Drop for RingGuard<'_> {
     }
 }
 
+/// A sender waiting for room looks at its `give_up` condition this often.
+pub const WAIT_SLICE: Duration = Duration::from_millis(100);
+
 /// The longest a sender may wait for room, whatever the option says.
 pub const MAX_SEND_WAIT: Duration = Duration::from_secs(60);
 
@@ -503,7 +510,7 @@ mod tests {
             guard.unlock().unwrap();
         }
         let deadline = Instant::now() + Duration::from_millis(50);
-        assert_eq!(ring.reserve(5, deadline).unwrap(), 3);
+        assert_eq!(ring.reserve(5, deadline, &|| false).unwrap(), 3);
         let mut guard = ring.lock().unwrap();
         guard.push(7, &[b"a", b"bb", b"ccc"]);
         assert_eq!(guard.bounds(), (10, 13));
@@ -516,14 +523,23 @@ mod tests {
         // Full: a reserve waits until its deadline and gets nothing.
         let started = Instant::now();
         assert_eq!(
-            ring.reserve(1, started + Duration::from_millis(30))
+            ring.reserve(1, started + Duration::from_millis(30), &|| false)
                 .unwrap(),
             0
         );
         assert!(started.elapsed() >= Duration::from_millis(25));
 
+        // Giving up (a shutdown) ends the wait early.
+        let started = Instant::now();
+        assert_eq!(
+            ring.reserve(1, started + Duration::from_secs(30), &|| true)
+                .unwrap(),
+            0
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+
         ring.lock().unwrap().unlock_released(12).unwrap();
-        assert_eq!(ring.reserve(5, Instant::now()).unwrap(), 2);
+        assert_eq!(ring.reserve(5, Instant::now(), &|| false).unwrap(), 2);
         ring.unreserve(2).unwrap();
         let (shm_id, sem_id) = ring.ids();
         drop(ring);

@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mensajeria::client::Endpoint;
+use mensajeria::client::{DEFAULT_HEARTBEAT, Endpoint, MAX_HEARTBEAT_S};
 use mensajeria::config::{UsageError, number, string};
 use mensajeria::consumer::{self, ConsumerOptions, DEFAULT_WINDOW};
 use mensajeria::protocol::valid_consumer_id;
@@ -27,6 +27,8 @@ options:
       --host HOST         broker host  [$BROKER_HOST, $SERVER_IP or localhost]
       --port PORT         broker port  [$BROKER_PORT, $SERVER_PORT or 8080]
       --retries N         reconnection attempts before giving up   [no limit]
+      --heartbeat S       heartbeat after S idle seconds           [20]
+                          (keep it well under the broker's --idle-timeout)
   -h, --help              print this help
   -V, --version           print the version
 ";
@@ -36,13 +38,17 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
     let mut parser = lexopt::Parser::from_env();
     let (mut host, mut port) = (None, None);
     let mut options = ConsumerOptions {
-        endpoint: Endpoint { host: String::new(), port: 0 },
+        endpoint: Endpoint {
+            host: String::new(),
+            port: 0,
+        },
         id: None,
         count: None,
         timeout: None,
         verbose: false,
         window: DEFAULT_WINDOW,
         retries: None,
+        heartbeat: DEFAULT_HEARTBEAT,
     };
     while let Some(arg) = parser.next()? {
         match arg {
@@ -55,15 +61,30 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
                 }
                 options.id = Some(id);
             }
-            Short('c') | Long("count") => options.count = Some(number(&mut parser, "--count", 1, u64::MAX)?),
+            Short('c') | Long("count") => {
+                options.count = Some(number(&mut parser, "--count", 1, u64::MAX)?)
+            }
             Short('t') | Long("timeout") => {
-                options.timeout = Some(Duration::from_secs(number(&mut parser, "--timeout", 1, 31_536_000)?))
+                options.timeout = Some(Duration::from_secs(number(
+                    &mut parser,
+                    "--timeout",
+                    1,
+                    31_536_000,
+                )?))
             }
             Short('v') | Long("verbose") => options.verbose = true,
-            Short('w') | Long("window") => options.window = number(&mut parser, "--window", 1, 4096)?,
+            Short('w') | Long("window") => {
+                options.window = number(&mut parser, "--window", 1, 4096)?
+            }
             Long("host") => host = Some(string(&mut parser, "--host")?),
             Long("port") => port = Some(number(&mut parser, "--port", 1, 65535)?),
-            Long("retries") => options.retries = Some(number(&mut parser, "--retries", 0, u32::MAX as u64)?),
+            Long("retries") => {
+                options.retries = Some(number(&mut parser, "--retries", 0, u32::MAX as u64)?)
+            }
+            Long("heartbeat") => {
+                options.heartbeat =
+                    Duration::from_secs(number(&mut parser, "--heartbeat", 1, MAX_HEARTBEAT_S)?)
+            }
             Short('h') | Long("help") => {
                 print!("{USAGE}");
                 return Ok(None);

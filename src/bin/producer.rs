@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mensajeria::client::Endpoint;
+use mensajeria::client::{DEFAULT_HEARTBEAT, Endpoint, MAX_HEARTBEAT_S};
 use mensajeria::config::{UsageError, number, string};
 use mensajeria::producer::{self, DEFAULT_WINDOW, MAX_WINDOW, ProducerOptions};
 
@@ -27,6 +27,8 @@ options:
       --host HOST         broker host  [$BROKER_HOST or localhost]
       --port PORT         broker port  [$BROKER_PORT or 8080]
       --retries N         reconnection attempts before giving up   [no limit]
+      --heartbeat S       heartbeat after S idle seconds           [20]
+                          (keep it well under the broker's --idle-timeout)
   -h, --help              print this help
   -V, --version           print the version
 ";
@@ -36,28 +38,43 @@ fn parse() -> Result<Option<ProducerOptions>, UsageError> {
     let mut parser = lexopt::Parser::from_env();
     let (mut host, mut port) = (None, None);
     let mut options = ProducerOptions {
-        endpoint: Endpoint { host: String::new(), port: 0 },
+        endpoint: Endpoint {
+            host: String::new(),
+            port: 0,
+        },
         count: None,
         interval: Duration::from_millis(1000),
         window: DEFAULT_WINDOW,
         size: 0,
         retries: None,
+        heartbeat: DEFAULT_HEARTBEAT,
         print_ids: false,
     };
     while let Some(arg) = parser.next()? {
         match arg {
-            Short('n') | Long("count") => options.count = Some(number(&mut parser, "--count", 1, u64::MAX)?),
-            Short('i') | Long("interval") => {
-                options.interval = Duration::from_millis(number(&mut parser, "--interval", 0, 86_400_000)?)
+            Short('n') | Long("count") => {
+                options.count = Some(number(&mut parser, "--count", 1, u64::MAX)?)
             }
-            Short('w') | Long("window") => options.window = number(&mut parser, "--window", 1, MAX_WINDOW)?,
+            Short('i') | Long("interval") => {
+                options.interval =
+                    Duration::from_millis(number(&mut parser, "--interval", 0, 86_400_000)?)
+            }
+            Short('w') | Long("window") => {
+                options.window = number(&mut parser, "--window", 1, MAX_WINDOW)?
+            }
             Short('s') | Long("size") => {
                 options.size = number(&mut parser, "--size", 1, mensajeria::config::MAX_MSG_SIZE)?
             }
             Long("print-ids") => options.print_ids = true,
             Long("host") => host = Some(string(&mut parser, "--host")?),
             Long("port") => port = Some(number(&mut parser, "--port", 1, 65535)?),
-            Long("retries") => options.retries = Some(number(&mut parser, "--retries", 0, u32::MAX as u64)?),
+            Long("retries") => {
+                options.retries = Some(number(&mut parser, "--retries", 0, u32::MAX as u64)?)
+            }
+            Long("heartbeat") => {
+                options.heartbeat =
+                    Duration::from_secs(number(&mut parser, "--heartbeat", 1, MAX_HEARTBEAT_S)?)
+            }
             Short('h') | Long("help") => {
                 print!("{USAGE}");
                 return Ok(None);

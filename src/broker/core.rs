@@ -341,13 +341,13 @@ impl Core {
 
     /// Stores `contents` (each already checked for size) and appends one
     /// reply per message to `out`, in order: `OK:MSG_ID`, or
-    /// `ERROR:Queue full` once the ring stayed full past the send timeout,
-    /// or `ERROR:Persistence failure`.
-    pub fn send_batch(&self, contents: &[&[u8]], out: &mut Vec<u8>) {
+    /// `ERROR:Queue full` once the ring stayed full past the send timeout
+    /// (or `give_up` said so), or `ERROR:Persistence failure`.
+    pub fn send_batch(&self, contents: &[&[u8]], out: &mut Vec<u8>, give_up: &dyn Fn() -> bool) {
         let deadline = Instant::now() + self.config.send_timeout;
         let mut done = 0;
         while done < contents.len() {
-            let reserved = match self.ring.reserve(contents.len() - done, deadline) {
+            let reserved = match self.ring.reserve(contents.len() - done, deadline, give_up) {
                 Ok(n) => n,
                 Err(err) => {
                     self.log.error(format_args!("queue: {err}"));

@@ -110,7 +110,7 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
         log,
     )?;
     if !records.is_empty() {
-        let reserved = ring.reserve(records.len(), Instant::now())?;
+        let reserved = ring.reserve(records.len(), Instant::now(), &|| true)?;
         assert_eq!(
             reserved,
             records.len(),
@@ -141,6 +141,9 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
         fsync: config.fsync,
     };
     let core = Core::new(core_config, Arc::clone(log), ring, recovered)?;
+    // The offsets file now matches what recovery decided (clamped cursors,
+    // a repaired file), before anyone is served.
+    core.save_offsets(true)?;
     let shared = Arc::new(Shared {
         core,
         config,

@@ -77,6 +77,7 @@ pub fn recover(
             ));
         }
     };
+    let mut repaired = false;
     match &scan.tail {
         Tail::Clean => {}
         Tail::Torn { bytes } => log.warn(format_args!(
@@ -95,6 +96,7 @@ pub fn recover(
                     path.display()
                 ));
             }
+            repaired = true;
             let saved = store::repair(path, scan.valid_len, unix_now())
                 .map_err(|err| format!("repair of {} failed: {err}", path.display()))?;
             log.warn(format_args!(
@@ -105,16 +107,18 @@ pub fn recover(
         }
     }
 
-    let next_id = match scan.last_id {
+    // Ids handed out before: the offsets file's NEXT_ID may be ahead of the
+    // last record when --repair dropped damaged records.
+    let mut next_id = match scan.last_id {
         Some(last) => {
             if offsets.next_id > last + 1 && !config.repair {
                 return Err(format!(
                     "{} says the next message id is {} but {} ends at id {last}: \
-                     the two files do not belong together; start with --repair to continue from id {}",
+                     records are missing (or the two files do not belong together); \
+                     start with --repair to continue",
                     offsets_file.display(),
                     offsets.next_id,
-                    path.display(),
-                    last + 1
+                    path.display()
                 ));
             }
             last + 1
@@ -143,18 +147,41 @@ pub fn recover(
     while records.front().is_some_and(|r| r.id < head) {
         records.pop_front();
     }
+    let mut file_len = scan.valid_len;
+    // With --repair, acknowledged records may have been lost with the
+    // damage: from after the last kept record (or the saved head, if none
+    // was kept) up to the saved NEXT_ID. Their ids must not be handed out
+    // again, but the file's ids must stay consecutive, so jumping past them
+    // is only possible when no kept record is still waiting: then the file
+    // is emptied (the saved NEXT_ID is already on disk).
+    let lost_from = scan.last_id.map_or(offsets.head.max(1), |last| last + 1);
+    if repaired && offsets.next_id > lost_from {
+        let lost_to = offsets.next_id - 1;
+        if records.is_empty() {
+            log.warn(format_args!(
+                "repair: messages {lost_from}..{lost_to} were lost with the damage; continuing from id {}",
+                offsets.next_id
+            ));
+            next_id = offsets.next_id;
+            file_len = 0;
+            for (_, pos) in &mut cursors {
+                *pos = next_id - 1;
+            }
+        } else {
+            log.warn(format_args!(
+                "repair: messages {lost_from}..{lost_to} were lost with the damage, and their ids \
+                 will be given to new messages: records {head}..{} are still waiting, and the \
+                 file needs consecutive ids",
+                next_id - 1
+            ));
+        }
+    }
+    let head = if records.is_empty() { next_id } else { head };
     debug_assert!(records.front().is_none_or(|r| r.id == head));
     let live_bytes = records
         .iter()
         .map(|r| store::record_len(r.id, r.timestamp, r.content.len()))
         .sum();
-    let file_len = match config.repair {
-        true => std::fs::metadata(path)
-            .map(|m| m.len())
-            .unwrap_or(0)
-            .min(scan.valid_len),
-        false => scan.valid_len,
-    };
     let file = MessageFile::open(path, file_len).map_err(|err| err.to_string())?;
     log.info(format_args!(
         "recovered {}: next id {next_id}, {} message(s) held from id {head}, {} consumer offset(s)",

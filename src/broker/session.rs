@@ -271,7 +271,8 @@ impl Session<'_> {
                         i += 1;
                     } else {
                         i += contents.len();
-                        core.send_batch(&contents, &mut self.out);
+                        let stopping = || shared.shutting_down.load(Ordering::Acquire);
+                        core.send_batch(&contents, &mut self.out, &stopping);
                     }
                 }
                 (Request::Get, Role::Consumer(key)) => {

@@ -4,8 +4,8 @@
 mod util;
 
 mod broker_cli;
-mod broker_protocol;
 mod broker_ipc;
 mod broker_limits;
 mod broker_persistence;
+mod broker_protocol;
 mod clients;
