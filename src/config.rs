@@ -52,6 +52,7 @@ pub struct BrokerConfig {
     pub idle_timeout: Duration,
     pub consumer_ttl: Duration,
     pub ack_wait: Duration,
+    pub max_ack_pending: usize,
     pub send_timeout: Duration,
     pub shm_key: i32,
     pub sem_key: i32,
@@ -75,6 +76,7 @@ impl BrokerConfig {
             idle_timeout: Duration::from_secs(300),
             consumer_ttl: Duration::from_secs(3600),
             ack_wait: Duration::from_secs(30),
+            max_ack_pending: 1000,
             send_timeout: Duration::from_millis(2000),
             shm_key: 0x1234,
             sem_key: 0x5678,
@@ -115,6 +117,7 @@ options:
       --idle-timeout S    seconds without a request before a client is dropped [300]
       --consumer-ttl S    seconds a cursor with no connection is kept [3600]
       --ack-wait S        ack mode: seconds before redelivery [30]
+      --max-ack-pending N ack mode: unacknowledged messages per consumer id [1000]
       --send-timeout MS   how long SEND waits for room in a full queue [2000]
       --shm-key K         SysV shared memory key, decimal or 0x hex [0x1234]
       --sem-key K         SysV semaphore key, decimal or 0x hex [0x5678]
@@ -158,6 +161,9 @@ pub fn parse_broker_args(
             Long("idle-timeout") => config.idle_timeout = seconds(&mut parser, "--idle-timeout")?,
             Long("consumer-ttl") => config.consumer_ttl = seconds(&mut parser, "--consumer-ttl")?,
             Long("ack-wait") => config.ack_wait = seconds(&mut parser, "--ack-wait")?,
+            Long("max-ack-pending") => {
+                config.max_ack_pending = number(&mut parser, "--max-ack-pending", 1, MAX_CAPACITY)?
+            }
             Long("send-timeout") => {
                 config.send_timeout =
                     Duration::from_millis(number(&mut parser, "--send-timeout", 0, 60_000)?)

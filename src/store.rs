@@ -339,8 +339,19 @@ pub struct Offsets {
     pub next_consumer: u64,
     /// The oldest message id the queue held when saved.
     pub head: u64,
-    /// Consumer id and the id of the last message it consumed.
-    pub consumers: Vec<(Vec<u8>, u64)>,
+    /// Every consumer id's cursor.
+    pub consumers: Vec<SavedCursor>,
+}
+
+/// One consumer id's position as saved: `CONSUMER:<id>:<offset>`, with a
+/// trailing `:ACK` for an id in ack mode (whose offset is its ack floor).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SavedCursor {
+    pub id: Vec<u8>,
+    /// The id of the last message consumed (ack mode: acknowledged with
+    /// everything before it).
+    pub offset: u64,
+    pub ack: bool,
 }
 
 impl Offsets {
@@ -356,11 +367,14 @@ impl Offsets {
             push_u64(&mut out, value);
             out.push(b'\n');
         }
-        for (id, offset) in &self.consumers {
+        for cursor in &self.consumers {
             out.extend_from_slice(b"CONSUMER:");
-            out.extend_from_slice(id);
+            out.extend_from_slice(&cursor.id);
             out.push(b':');
-            push_u64(&mut out, *offset);
+            push_u64(&mut out, cursor.offset);
+            if cursor.ack {
+                out.extend_from_slice(b":ACK");
+            }
             out.push(b'\n');
         }
         out
@@ -384,10 +398,20 @@ impl Offsets {
             } else if let Some(v) = line.strip_prefix(b"HEAD:") {
                 parse_u64(v).map(|v| offsets.head = v)
             } else if let Some(rest) = line.strip_prefix(b"CONSUMER:") {
+                let (rest, ack) = match rest.strip_suffix(b":ACK") {
+                    Some(rest) => (rest, true),
+                    None => (rest, false),
+                };
                 let colon = rest.iter().rposition(|&b| b == b':');
                 colon.and_then(|c| {
                     let (id, offset) = (&rest[..c], parse_u64(&rest[c + 1..])?);
-                    valid_consumer_id(id).then(|| offsets.consumers.push((id.to_vec(), offset)))
+                    valid_consumer_id(id).then(|| {
+                        offsets.consumers.push(SavedCursor {
+                            id: id.to_vec(),
+                            offset,
+                            ack,
+                        })
+                    })
                 })
             } else {
                 None
@@ -750,7 +774,18 @@ mod tests {
             next_id: 42,
             next_consumer: 7,
             head: 30,
-            consumers: vec![(b"a".to_vec(), 31), (b"x.y-z_1".to_vec(), 41)],
+            consumers: vec![
+                SavedCursor {
+                    id: b"a".to_vec(),
+                    offset: 31,
+                    ack: false,
+                },
+                SavedCursor {
+                    id: b"x.y-z_1".to_vec(),
+                    offset: 41,
+                    ack: true,
+                },
+            ],
         };
         let bytes = offsets.encode();
         assert_eq!(Offsets::decode(&bytes, false).unwrap().0, offsets);

@@ -22,10 +22,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::cursor::{Cursor, Next};
 use crate::log::Logger;
 use crate::protocol::{self, ErrorCode};
 use crate::queue::Ring;
-use crate::store::{self, FsyncPolicy, MessageFile, Offsets};
+use crate::store::{self, FsyncPolicy, MessageFile, Offsets, SavedCursor};
 use crate::sys::os;
 
 /// Below this size the messages file is never compacted: rewriting tiny
@@ -157,17 +158,6 @@ impl Writer<'_> {
     }
 }
 
-/// A consumer id's position.
-#[derive(Debug)]
-struct Cursor {
-    /// Id of the last message consumed (0 before the first).
-    pos: u64,
-    /// Connections registered under this id now.
-    connections: u32,
-    /// When the last connection left (meaningful when `connections == 0`).
-    idle_since: Instant,
-}
-
 struct State {
     file: MessageFile,
     next_id: u64,
@@ -247,6 +237,8 @@ pub struct Counters {
     pub consumers: AtomicU64,
     pub refused_full: AtomicU64,
     pub idle_drops: AtomicU64,
+    pub acked: AtomicU64,
+    pub redelivered: AtomicU64,
 }
 
 /// What recovery hands to [`Core::new`].
@@ -255,7 +247,7 @@ pub struct Recovered {
     pub next_id: u64,
     pub head: u64,
     pub next_consumer: u64,
-    pub cursors: Vec<(Vec<u8>, u64)>,
+    pub cursors: Vec<SavedCursor>,
     pub live_bytes: u64,
 }
 
@@ -265,6 +257,10 @@ pub struct CoreConfig {
     pub send_timeout: Duration,
     pub consumer_ttl: Duration,
     pub fsync: FsyncPolicy,
+    /// Ack mode: how long a delivered message waits for its ack.
+    pub ack_wait: Duration,
+    /// Ack mode: messages one consumer id may hold unacknowledged.
+    pub max_ack_pending: usize,
 }
 
 /// The shared heart of the broker.
@@ -295,14 +291,10 @@ impl Core {
         let cursors = recovered
             .cursors
             .into_iter()
-            .map(|(id, pos)| {
+            .map(|saved| {
                 (
-                    Arc::from(id),
-                    Cursor {
-                        pos,
-                        connections: 0,
-                        idle_since: now,
-                    },
+                    Arc::from(saved.id),
+                    Cursor::new(saved.offset, saved.ack, now),
                 )
             })
             .collect();
@@ -425,10 +417,11 @@ impl Core {
             self.log
                 .debug(format_args!("stored messages {first}..={}", first + n - 1));
         }
+        let next_id = state.next_id;
         for (conn, key) in state.armed.drain(..) {
             conn.armed.store(false, Ordering::Relaxed);
-            let pos = state.cursors.get(&key).map_or(first - 1, |c| c.pos);
-            notify.push((conn, state.next_id - 1 - pos));
+            let waiting = state.cursors.get(&key).map_or(n, |c| c.waiting(next_id));
+            notify.push((conn, waiting));
         }
         drop(guard);
         for (conn, count) in notify {
@@ -437,9 +430,33 @@ impl Core {
         Ok(first)
     }
 
+    /// Pushes a NOTIFY to the armed connections of consumer `key`, if
+    /// messages are waiting for it (after a redelivery became possible).
+    fn notify_armed(&self, state: &mut State, key: &Arc<[u8]>) -> Vec<(Arc<Conn>, u64)> {
+        let Some(waiting) = state.cursors.get(key).map(|c| c.waiting(state.next_id)) else {
+            return Vec::new();
+        };
+        if waiting == 0 {
+            return Vec::new();
+        }
+        let mut notify = Vec::new();
+        state.armed.retain(|(conn, armed_key)| {
+            if armed_key == key {
+                conn.armed.store(false, Ordering::Relaxed);
+                notify.push((Arc::clone(conn), waiting));
+                false
+            } else {
+                true
+            }
+        });
+        notify
+    }
+
     /// Answers `count` pipelined `GET`s for consumer `key` on `conn`:
     /// `MSG:` for each message waiting, then `ERROR:No messages available`.
-    /// Re-arms the connection for the next NOTIFY.
+    /// In ack mode the messages stay in flight until acknowledged, and at
+    /// most `max_ack_pending` of them at once. Re-arms the connection for
+    /// the next NOTIFY.
     pub fn get_batch(&self, conn: &Arc<Conn>, key: &Arc<[u8]>, count: usize, out: &mut Vec<u8>) {
         let mut state = self.state();
         let state = &mut *state;
@@ -452,39 +469,87 @@ impl Core {
             return;
         };
         let old = cursor.pos;
-        let n = (count as u64).min(next_id - 1 - old);
-        if n > 0 {
-            let read = self.ring.lock().and_then(|guard| {
-                for id in old + 1..=old + n {
-                    protocol::write_msg_prefix(out, id);
-                    guard.append_content(id, out);
-                    out.push(b'\n');
+        let deadline = Instant::now() + self.config.ack_wait;
+        let mut delivered = 0u64;
+        let mut again = 0u64;
+        if let Ok(guard) = self
+            .ring
+            .lock()
+            .inspect_err(|err| self.log.error(format_args!("queue: {err}")))
+        {
+            for _ in 0..count {
+                match cursor.take(next_id, conn.id, deadline, self.config.max_ack_pending) {
+                    Next::Message {
+                        id,
+                        again: redelivery,
+                    } => {
+                        protocol::write_msg_prefix(out, id);
+                        guard.append_content(id, out);
+                        out.push(b'\n');
+                        delivered += 1;
+                        again += u64::from(redelivery);
+                    }
+                    Next::Nothing | Next::TooManyInFlight => ErrorCode::NoMessages.write_line(out),
                 }
-                guard.unlock()
-            });
-            if let Err(err) = read {
+            }
+            if let Err(err) = guard.unlock() {
                 self.log.error(format_args!("queue: {err}"));
             }
-            cursor.pos = old + n;
-            state.offsets_dirty = true;
-            self.counters.delivered.fetch_add(n, Ordering::Relaxed);
+        }
+        if delivered > 0 {
+            self.counters
+                .delivered
+                .fetch_add(delivered, Ordering::Relaxed);
+            self.counters
+                .redelivered
+                .fetch_add(again, Ordering::Relaxed);
             if self.log.enabled(crate::log::Level::Debug) {
                 self.log.debug(format_args!(
-                    "delivered messages {}..={} to consumer {}",
-                    old + 1,
-                    old + n,
+                    "delivered {delivered} message(s) ({again} again) to consumer {}",
                     String::from_utf8_lossy(key)
                 ));
             }
         }
-        for _ in n..count as u64 {
-            ErrorCode::NoMessages.write_line(out);
-        }
+        let moved = cursor.pos != old;
         if !conn.armed.swap(true, Ordering::Relaxed) {
             state.armed.push((Arc::clone(conn), Arc::clone(key)));
         }
-        if n > 0 && old + 1 == state.head {
-            self.release(state);
+        if moved {
+            state.offsets_dirty = true;
+            if old + 1 == state.head {
+                self.release(state);
+            }
+        }
+    }
+
+    /// Answers a run of `ACK:<id>`s from consumer `key`: `OK:ACK:<id>` for
+    /// each message in flight (or waiting to go again), else
+    /// `ERROR:Unknown message id` (also for every ACK in plain mode).
+    pub fn ack_batch(&self, key: &Arc<[u8]>, ids: &[Option<u64>], out: &mut Vec<u8>) {
+        let mut state = self.state();
+        let state = &mut *state;
+        let Some(cursor) = state.cursors.get_mut(key) else {
+            return;
+        };
+        let old = cursor.pos;
+        let mut acked = 0;
+        for id in ids {
+            match id.and_then(|id| cursor.ack(id).map(|_| id)) {
+                Some(id) => {
+                    acked += 1;
+                    out.extend_from_slice(b"OK:ACK:");
+                    protocol::push_u64(out, id);
+                    out.push(b'\n');
+                }
+                None => ErrorCode::UnknownMessageId.write_line(out),
+            }
+        }
+        self.counters.acked.fetch_add(acked, Ordering::Relaxed);
+        if cursor.pos != old {
+            state.offsets_dirty = true;
+            if old + 1 == state.head {
+                self.release(state);
+            }
         }
     }
 
@@ -516,18 +581,25 @@ impl Core {
         }
     }
 
-    /// Registers `conn` as a consumer under `requested` (or a new id) and
-    /// appends `OK:CONSUMER:<id>`, plus a NOTIFY if messages are waiting.
+    /// Registers `conn` as a consumer under `requested` (or a new id), in
+    /// ack mode if `ack`, and appends `OK:CONSUMER:<id>` plus a NOTIFY if
+    /// messages are waiting. An existing id keeps the mode it was created
+    /// in: asking for the other one is `ERROR:Invalid registration message`.
     pub fn register_consumer(
         &self,
         conn: &Arc<Conn>,
         requested: Option<&[u8]>,
+        ack: bool,
         out: &mut Vec<u8>,
-    ) -> Arc<[u8]> {
+    ) -> Result<Arc<[u8]>, ErrorCode> {
         let mut state = self.state();
         let state = &mut *state;
         let key: Arc<[u8]> = match requested {
             Some(id) => match state.cursors.get_key_value(id) {
+                Some((key, cursor)) if cursor.is_ack() != ack => {
+                    let _ = key;
+                    return Err(ErrorCode::InvalidRegistration);
+                }
                 Some((key, _)) => Arc::clone(key),
                 None => Arc::from(id),
             },
@@ -544,13 +616,9 @@ impl Core {
         let cursor = state
             .cursors
             .entry(Arc::clone(&key))
-            .or_insert_with(|| Cursor {
-                pos: head - 1,
-                connections: 0,
-                idle_since: Instant::now(),
-            });
+            .or_insert_with(|| Cursor::new(head - 1, ack, Instant::now()));
         cursor.connections += 1;
-        let backlog = state.next_id - 1 - cursor.pos;
+        let backlog = cursor.waiting(state.next_id);
         state.offsets_dirty = true;
         protocol::write_consumer_ok(out, &key);
         if backlog > 0 {
@@ -559,25 +627,62 @@ impl Core {
             state.armed.push((Arc::clone(conn), Arc::clone(&key)));
         }
         self.log.info(format_args!(
-            "connection {} registered as consumer {} at offset {}",
+            "connection {} registered as consumer {}{} at offset {}",
             conn.id,
             String::from_utf8_lossy(&key),
+            if ack { " (ack mode)" } else { "" },
             cursor.pos
         ));
-        key
+        Ok(key)
     }
 
-    /// Forgets `conn` as a consumer of `key` (the cursor stays, for its TTL).
+    /// Forgets `conn` as a consumer of `key` (the cursor stays, for its
+    /// TTL). In ack mode what it had in flight can go at once to another
+    /// connection of the id, which is notified.
     pub fn unregister_consumer(&self, conn: &Arc<Conn>, key: &Arc<[u8]>) {
-        let mut state = self.state();
+        let mut guard = self.state();
+        let state = &mut *guard;
+        if conn.armed.swap(false, Ordering::Relaxed) {
+            state.armed.retain(|(armed, _)| armed.id != conn.id);
+        }
+        let mut released = 0;
         if let Some(cursor) = state.cursors.get_mut(key) {
             cursor.connections = cursor.connections.saturating_sub(1);
             if cursor.connections == 0 {
                 cursor.idle_since = Instant::now();
             }
+            released = cursor.release_connection(conn.id);
         }
-        if conn.armed.swap(false, Ordering::Relaxed) {
-            state.armed.retain(|(armed, _)| armed.id != conn.id);
+        let notify = if released > 0 {
+            self.notify_armed(state, key)
+        } else {
+            Vec::new()
+        };
+        drop(guard);
+        for (conn, count) in notify {
+            conn.push_notify(count);
+        }
+    }
+
+    /// Ack mode: messages whose ack wait passed become deliverable again;
+    /// armed connections of their ids are notified.
+    pub fn expire_acks(&self) {
+        let now = Instant::now();
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let mut expired: Vec<Arc<[u8]>> = Vec::new();
+        for (key, cursor) in state.cursors.iter_mut() {
+            if cursor.in_flight() > 0 && cursor.expire(now) > 0 {
+                expired.push(Arc::clone(key));
+            }
+        }
+        let mut notify = Vec::new();
+        for key in &expired {
+            notify.extend(self.notify_armed(state, key));
+        }
+        drop(guard);
+        for (conn, count) in notify {
+            conn.push_notify(count);
         }
     }
 
@@ -639,10 +744,14 @@ impl Core {
     /// never handed out twice and the file's ids stay consecutive.
     fn snapshot(&self, state: &State, synced: u64) -> Offsets {
         let next_id = (synced + 1).min(state.next_id);
-        let mut consumers: Vec<(Vec<u8>, u64)> = state
+        let mut consumers: Vec<SavedCursor> = state
             .cursors
             .iter()
-            .map(|(id, c)| (id.to_vec(), c.pos))
+            .map(|(id, c)| SavedCursor {
+                id: id.to_vec(),
+                offset: c.pos,
+                ack: c.is_ack(),
+            })
             .collect();
         consumers.sort();
         Offsets {
@@ -709,12 +818,13 @@ impl Core {
 
     /// The `STATS` reply.
     pub fn stats_line(&self, out: &mut Vec<u8>) {
-        let (held, next_id, cursors, file_len) = {
+        let (held, next_id, cursors, in_flight, file_len) = {
             let state = self.state();
             (
                 state.next_id - state.head,
                 state.next_id,
                 state.cursors.len(),
+                state.cursors.values().map(Cursor::in_flight).sum::<usize>(),
                 state.file.len(),
             )
         };
@@ -723,7 +833,8 @@ impl Core {
         let text = format!(
             "OK:STATS:messages={held} capacity={} next_id={next_id} stored={} delivered={} \
              queue_full={} persistence_failures={} connections={} producers={} consumers={} \
-             cursors={cursors} refused_full={} idle_drops={} file_bytes={file_len} fsync={} uptime_s={}\n",
+             cursors={cursors} in_flight={in_flight} acked={} redelivered={} refused_full={} \
+             idle_drops={} file_bytes={file_len} fsync={} uptime_s={}\n",
             self.ring.capacity(),
             load(&c.stored),
             load(&c.delivered),
@@ -732,6 +843,8 @@ impl Core {
             load(&c.connections),
             load(&c.producers),
             load(&c.consumers),
+            load(&c.acked),
+            load(&c.redelivered),
             load(&c.refused_full),
             load(&c.idle_drops),
             self.config.fsync.name(),

@@ -8,6 +8,7 @@
 //! pushes left pending). Every thread is joined before [`run`] returns.
 
 mod core;
+mod cursor;
 mod recovery;
 mod session;
 
@@ -139,6 +140,8 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
         send_timeout: config.send_timeout.min(MAX_SEND_WAIT),
         consumer_ttl: config.consumer_ttl,
         fsync: config.fsync,
+        ack_wait: config.ack_wait,
+        max_ack_pending: config.max_ack_pending,
     };
     let core = Core::new(core_config, Arc::clone(log), ring, recovered)?;
     // The offsets file now matches what recovery decided (clamped cursors,
@@ -383,6 +386,7 @@ fn spawn_housekeeping(
                         core.log.error(format_args!("fsync: {err}"));
                     }
                 }
+                core.expire_acks();
                 core.flush_pushes(lock(&shared.conns).values());
                 if last_slow.elapsed() >= Duration::from_secs(1) {
                     last_slow = Instant::now();

@@ -39,7 +39,7 @@ pub fn recover(
 
     // Which records the queue must hold: those some cursor still needs, or
     // with no cursor, those the queue held when the offsets were saved.
-    let keep_from = match offsets.consumers.iter().map(|(_, pos)| pos + 1).min() {
+    let keep_from = match offsets.consumers.iter().map(|c| c.offset + 1).min() {
         Some(min) => min,
         None => offsets.head,
     };
@@ -127,17 +127,18 @@ pub fn recover(
     };
     let first = scan.first_id.unwrap_or(next_id);
     let mut cursors = offsets.consumers;
-    for (id, pos) in &mut cursors {
-        let clamped = (*pos).clamp(first - 1, next_id - 1);
-        if clamped != *pos {
+    for cursor in &mut cursors {
+        let pos = cursor.offset;
+        let clamped = pos.clamp(first - 1, next_id - 1);
+        if clamped != pos {
             log.warn(format_args!(
                 "consumer {}: saved offset {pos} is outside the messages on disk ({first}..{next_id}); using {clamped}",
-                String::from_utf8_lossy(id)
+                String::from_utf8_lossy(&cursor.id)
             ));
-            *pos = clamped;
+            cursor.offset = clamped;
         }
     }
-    let head = match cursors.iter().map(|(_, pos)| pos + 1).min() {
+    let head = match cursors.iter().map(|c| c.offset + 1).min() {
         Some(min) => min,
         None if offsets.head > 0 => offsets.head,
         None => first,
@@ -164,8 +165,8 @@ pub fn recover(
             ));
             next_id = offsets.next_id;
             file_len = 0;
-            for (_, pos) in &mut cursors {
-                *pos = next_id - 1;
+            for cursor in &mut cursors {
+                cursor.offset = next_id - 1;
             }
         } else {
             log.warn(format_args!(

@@ -275,6 +275,19 @@ impl Session<'_> {
                         core.send_batch(&contents, &mut self.out, &stopping);
                     }
                 }
+                (Request::Ack(_), Role::Consumer(key)) => {
+                    let mut ids = Vec::new();
+                    for line in lines[i..].iter().take(max_run) {
+                        let Line::Complete(range) = line else { break };
+                        match protocol::parse_request(self.reader.bytes(range.clone())) {
+                            Request::Ack(id) => ids.push(id),
+                            _ => break,
+                        }
+                    }
+                    let key = Arc::clone(key);
+                    core.ack_batch(&key, &ids, &mut self.out);
+                    i += ids.len();
+                }
                 (Request::Get, Role::Consumer(key)) => {
                     let count = lines[i..]
                         .iter()
@@ -329,23 +342,17 @@ fn handle_one(
                 conn.id
             ));
         }
-        Request::RegisterConsumer { ack: true, .. } => {
-            // Ack mode is not built yet; PROTOCOL.md allows this answer.
-            ErrorCode::InvalidRegistration.write_line(out);
-        }
-        Request::RegisterConsumer { id, ack: false } => {
-            let key = core.register_consumer(conn, id, out);
-            core.counters.consumers.fetch_add(1, Ordering::Relaxed);
-            *role = Role::Consumer(key);
-        }
+        Request::RegisterConsumer { id, ack } => match core.register_consumer(conn, id, ack, out) {
+            Ok(key) => {
+                core.counters.consumers.fetch_add(1, Ordering::Relaxed);
+                *role = Role::Consumer(key);
+            }
+            Err(code) => code.write_line(out),
+        },
         Request::Send(_) | Request::Get | Request::Ack(_) => {
-            // A producer's SEND and a consumer's GET are handled in
-            // batches; what reaches here is the wrong role, or an ACK.
-            let code = match (&*role, request) {
-                (Role::Consumer(_), Request::Ack(_)) => ErrorCode::UnknownMessageId,
-                _ => ErrorCode::NotAllowed,
-            };
-            code.write_line(out);
+            // A producer's SEND and a consumer's GET and ACK are handled in
+            // batches; what reaches here is the wrong role.
+            ErrorCode::NotAllowed.write_line(out);
         }
         Request::Heartbeat => out.extend_from_slice(b"OK:HEARTBEAT\n"),
         Request::Stats => core.stats_line(out),
