@@ -24,7 +24,7 @@ fn a_whole_conversation_with_exact_replies() {
         "ERROR:Invalid registration message",
     );
     c.expect(
-        "REGISTER:CONSUMER:x:ACK",
+        "REGISTER:CONSUMER:x:ACKS",
         "ERROR:Invalid registration message",
     );
     c.expect("REGISTER:PRODUCER", "OK:PRODUCER");
