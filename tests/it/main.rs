@@ -3,6 +3,7 @@
 
 mod util;
 
+mod broker_ack;
 mod broker_cli;
 mod broker_ipc;
 mod broker_limits;
