@@ -241,6 +241,72 @@ pub struct Counters {
     pub redelivered: AtomicU64,
 }
 
+/// Persistence failures: logged when they start, every
+/// [`FAILURE_LOG_EVERY`] while they go on, and when writes succeed again.
+/// While they go on, housekeeping compacts the messages file at the first
+/// chance, since a full disk or a file size limit may be what fails.
+#[derive(Debug, Default)]
+struct Failures {
+    streak: Mutex<Option<Streak>>,
+    /// Set while writes fail; read by housekeeping.
+    failing: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Streak {
+    since: Instant,
+    messages: u64,
+    last_logged: Instant,
+}
+
+/// How often a continuing streak of persistence failures is logged.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Failures {
+    fn failed(&self, log: &Logger, messages: usize, err: &io::Error) {
+        self.failing.store(true, Ordering::Release);
+        let mut streak = lock(&self.streak);
+        let now = Instant::now();
+        match &mut *streak {
+            None => {
+                log.error(format_args!(
+                    "cannot store messages: {err}; answering ERROR:Persistence failure until writes succeed"
+                ));
+                *streak = Some(Streak {
+                    since: now,
+                    messages: messages as u64,
+                    last_logged: now,
+                });
+            }
+            Some(streak) => {
+                streak.messages += messages as u64;
+                if now.duration_since(streak.last_logged) >= FAILURE_LOG_EVERY {
+                    streak.last_logged = now;
+                    log.error(format_args!(
+                        "still cannot store messages: {err} ({} refused in {} s)",
+                        streak.messages,
+                        streak.since.elapsed().as_secs()
+                    ));
+                }
+            }
+        }
+    }
+
+    fn succeeded(&self, log: &Logger) {
+        if !self.failing.load(Ordering::Acquire) {
+            return;
+        }
+        self.failing.store(false, Ordering::Release);
+        if let Some(streak) = lock(&self.streak).take() {
+            log.info(format_args!(
+                "storing messages works again after {} s ({} message(s) were refused)",
+                streak.since.elapsed().as_secs(),
+                streak.messages
+            ));
+        }
+    }
+}
+
 /// What recovery hands to [`Core::new`].
 pub struct Recovered {
     pub file: MessageFile,
@@ -268,6 +334,7 @@ pub struct Core {
     pub log: Arc<Logger>,
     pub config: CoreConfig,
     pub counters: Counters,
+    failures: Failures,
     ring: Ring,
     state: Mutex<State>,
     sync: Syncer,
@@ -302,6 +369,7 @@ impl Core {
             log,
             config,
             counters: Counters::default(),
+            failures: Failures::default(),
             ring,
             state: Mutex::new(State {
                 file: recovered.file,
@@ -366,13 +434,13 @@ impl Core {
             });
             match stored {
                 Ok(first) => {
+                    self.failures.succeeded(&self.log);
                     for k in 0..chunk.len() as u64 {
                         protocol::write_msg_id(out, first + k);
                     }
                 }
                 Err(err) => {
-                    self.log
-                        .error(format_args!("storing {} message(s): {err}", chunk.len()));
+                    self.failures.failed(&self.log, chunk.len(), &err);
                     self.counters
                         .persistence_failures
                         .fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -760,6 +828,12 @@ impl Core {
             head: state.head.min(next_id),
             consumers,
         }
+    }
+
+    /// Whether storing messages is failing now (housekeeping then compacts
+    /// whenever there is anything to reclaim).
+    pub fn writes_failing(&self) -> bool {
+        self.failures.failing.load(Ordering::Acquire)
     }
 
     /// Rewrites the messages file down to the live records when consumed

@@ -388,6 +388,14 @@ fn spawn_housekeeping(
                 }
                 core.expire_acks();
                 core.flush_pushes(lock(&shared.conns).values());
+                if core.writes_failing() {
+                    // Maybe the disk is full: reclaim what consumed records
+                    // take, at once rather than at the usual threshold.
+                    if let Err(err) = core.compact_if_worth_it(true) {
+                        core.log
+                            .debug(format_args!("compaction while writes fail: {err}"));
+                    }
+                }
                 if last_slow.elapsed() >= Duration::from_secs(1) {
                     last_slow = Instant::now();
                     core.expire_cursors();

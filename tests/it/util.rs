@@ -101,12 +101,19 @@ pub struct Broker {
     pub messages: PathBuf,
     pub log: PathBuf,
     pub extra: Vec<String>,
+    /// Run the broker under `ulimit -f` (KiB): writes past it fail.
+    pub file_size_limit_kib: Option<u64>,
     stderr_path: PathBuf,
 }
 
 impl Broker {
     /// Starts a broker with files in `dir` and `extra` options.
     pub fn start(dir: &TestDir, extra: &[&str]) -> Broker {
+        Broker::start_with(dir, extra, |_| {})
+    }
+
+    /// Like [`start`](Self::start), with `adjust` applied before launching.
+    pub fn start_with(dir: &TestDir, extra: &[&str], adjust: impl FnOnce(&mut Broker)) -> Broker {
         let (shm_key, sem_key) = fresh_keys();
         let mut broker = Broker {
             child: None,
@@ -116,8 +123,10 @@ impl Broker {
             messages: dir.join("messages.dat"),
             log: dir.join("broker.log"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            file_size_limit_kib: None,
             stderr_path: dir.join(&format!("broker-{}.stderr", unique())),
         };
+        adjust(&mut broker);
         broker
             .launch(0)
             .unwrap_or_else(|output| panic!("broker did not start:\n{output}"));
@@ -126,7 +135,18 @@ impl Broker {
 
     /// The command line, for a given port.
     pub fn command(&self, port: u16) -> Command {
-        let mut command = Command::new(bin("broker"));
+        let mut command = match self.file_size_limit_kib {
+            None => Command::new(bin("broker")),
+            Some(kib) => {
+                // bash counts `ulimit -f` in KiB; exec keeps the pid.
+                let mut command = Command::new("bash");
+                command
+                    .arg("-c")
+                    .arg(format!("ulimit -f {kib} && exec \"$0\" \"$@\""))
+                    .arg(bin("broker"));
+                command
+            }
+        };
         command
             .arg("--port")
             .arg(port.to_string())
