@@ -93,7 +93,10 @@ fn without_an_ack_a_message_goes_again_after_the_ack_wait() {
     // An ack that comes late still counts once.
     c.expect("ACK:2", "OK:ACK:2");
     c.expect("ACK:2", "ERROR:Unknown message id");
-    assert!(seen.iter().all(|r| r == "MSG:3:c" || r == "MSG:2:b"), "{seen:?}");
+    assert!(
+        seen.iter().all(|r| r == "MSG:3:c" || r == "MSG:2:b"),
+        "{seen:?}"
+    );
 }
 
 #[test]
@@ -141,7 +144,10 @@ fn the_ack_floor_is_saved_and_a_restart_redelivers_what_was_in_flight() {
     drop(c);
     assert!(broker.terminate().success());
     let offsets = std::fs::read_to_string(dir.join("messages.dat.offsets")).unwrap();
-    assert!(offsets.lines().any(|l| l == "CONSUMER:f:1:ACK"), "{offsets}");
+    assert!(
+        offsets.lines().any(|l| l == "CONSUMER:f:1:ACK"),
+        "{offsets}"
+    );
     broker.restart();
     // The floor is 1: 2 and 3 come again (3 was acked above the floor, and
     // at least once allows delivering it twice).
@@ -160,7 +166,10 @@ fn an_id_keeps_the_mode_it_was_created_in() {
     let broker = Broker::start(&dir, &[]);
     let _plain = broker.consumer("p");
     let mut c = broker.connect();
-    c.expect("REGISTER:CONSUMER:p:ACK", "ERROR:Invalid registration message");
+    c.expect(
+        "REGISTER:CONSUMER:p:ACK",
+        "ERROR:Invalid registration message",
+    );
     // The refused registration left the connection unregistered.
     c.expect("GET", "ERROR:Not registered");
     let _acking = ack_consumer(&broker, "a");
