@@ -5,7 +5,7 @@
 //! (the original system's format). SIZE makes a record self-delimiting: the
 //! reader trusts SIZE, then checks that the newline is exactly there.
 //! Offsets file (`<messages file>.offsets`): `NEXT_ID:`, `NEXT_CONSUMER:`,
-//! `HEAD:` and `CONSUMER:<id>:<offset>` lines, always replaced whole
+//! `HEAD:`, `CAPACITY:` and `CONSUMER:<id>:<offset>[:ACK]` lines, always replaced whole
 //! (temporary file, fsync, rename, fsync of the directory).
 //!
 //! Invariants: recovery never invents a record and never drops one
@@ -202,20 +202,21 @@ pub struct Scan {
     pub last_id: Option<u64>,
     /// Bytes of valid records from the start of the file.
     pub valid_len: u64,
-    /// Bytes in records with `id >= keep_from`.
-    pub kept_bytes: u64,
+    /// The largest SIZE among the kept records.
+    pub kept_max_size: usize,
     pub tail: Tail,
 }
 
-/// An error that stops a scan: I/O, or more records to keep than allowed.
+/// An error that stops a scan.
 #[derive(Debug)]
 pub enum ScanError {
     Io(io::Error),
-    TooMany { limit: usize },
 }
 
 /// Reads records from `reader` until the end or the first invalid byte,
-/// keeping those with `id >= keep_from` (at most `keep_limit`).
+/// keeping the last `keep_limit` of those with `id >= keep_from`: memory
+/// stays bounded whatever the file's size. `max_msg_size` bounds what a
+/// SIZE field may say (a larger one is damage).
 pub fn scan(
     mut reader: impl Read,
     max_msg_size: usize,
@@ -232,7 +233,7 @@ pub fn scan(
         first_id: None,
         last_id: None,
         valid_len: 0,
-        kept_bytes: 0,
+        kept_max_size: 0,
         tail: Tail::Clean,
     };
     loop {
@@ -260,17 +261,17 @@ pub fn scan(
                     };
                     return Ok(result);
                 }
-                if id >= keep_from {
+                if id >= keep_from && keep_limit > 0 {
                     if result.kept.len() == keep_limit {
-                        return Err(ScanError::TooMany { limit: keep_limit });
+                        result.kept.pop_front();
                     }
                     let bytes = buf[start + content.0..start + content.1].to_vec();
+                    result.kept_max_size = result.kept_max_size.max(bytes.len());
                     result.kept.push_back(Record {
                         id,
                         timestamp,
                         content: bytes,
                     });
-                    result.kept_bytes += len as u64;
                 }
                 result.first_id.get_or_insert(id);
                 result.last_id = Some(id);
@@ -339,6 +340,8 @@ pub struct Offsets {
     pub next_consumer: u64,
     /// The oldest message id the queue held when saved.
     pub head: u64,
+    /// The queue's capacity when saved (0: not recorded).
+    pub capacity: u64,
     /// Every consumer id's cursor.
     pub consumers: Vec<SavedCursor>,
 }
@@ -362,6 +365,7 @@ impl Offsets {
             (&b"NEXT_ID:"[..], self.next_id),
             (b"NEXT_CONSUMER:", self.next_consumer),
             (b"HEAD:", self.head),
+            (b"CAPACITY:", self.capacity),
         ] {
             out.extend_from_slice(key);
             push_u64(&mut out, value);
@@ -397,6 +401,8 @@ impl Offsets {
                 parse_u64(v).map(|v| offsets.next_consumer = v)
             } else if let Some(v) = line.strip_prefix(b"HEAD:") {
                 parse_u64(v).map(|v| offsets.head = v)
+            } else if let Some(v) = line.strip_prefix(b"CAPACITY:") {
+                parse_u64(v).map(|v| offsets.capacity = v)
             } else if let Some(rest) = line.strip_prefix(b"CONSUMER:") {
                 let (rest, ack) = match rest.strip_suffix(b":ACK") {
                     Some(rest) => (rest, true),
@@ -687,10 +693,16 @@ mod tests {
             result.kept.iter().map(|r| r.id).collect::<Vec<_>>(),
             vec![7, 8, 9, 10]
         );
-        assert!(matches!(
-            scan(&bytes[..], 64, 6, 4),
-            Err(ScanError::TooMany { limit: 4 })
-        ));
+        // Past the limit the oldest kept records make way for newer ones.
+        let result = scan(&bytes[..], 64, 2, 3).unwrap();
+        assert_eq!(
+            result.kept.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![8, 9, 10]
+        );
+        assert_eq!(
+            result.kept_max_size,
+            result.kept.iter().map(|r| r.content.len()).max().unwrap()
+        );
     }
 
     #[test]
@@ -774,6 +786,7 @@ mod tests {
             next_id: 42,
             next_consumer: 7,
             head: 30,
+            capacity: 1000,
             consumers: vec![
                 SavedCursor {
                     id: b"a".to_vec(),
@@ -792,9 +805,9 @@ mod tests {
         assert_eq!(Offsets::decode(b"", false).unwrap().0, Offsets::default());
         let mut bad = bytes.clone();
         bad.extend_from_slice(b"CONSUMER:a b:1\n");
-        assert!(Offsets::decode(&bad, false).unwrap_err().contains("line 6"));
+        assert!(Offsets::decode(&bad, false).unwrap_err().contains("line 7"));
         let (repaired, skipped) = Offsets::decode(&bad, true).unwrap();
-        assert_eq!((repaired, skipped), (offsets, vec![6]));
+        assert_eq!((repaired, skipped), (offsets, vec![7]));
     }
 
     #[test]

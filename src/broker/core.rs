@@ -812,12 +812,20 @@ impl Core {
     /// never handed out twice and the file's ids stay consecutive.
     fn snapshot(&self, state: &State, synced: u64) -> Offsets {
         let next_id = (synced + 1).min(state.next_id);
+        // Under `always` and `interval` no offset may cover a message that
+        // is not yet fsynced (some may have been stored and consumed since
+        // the fsync that preceded this snapshot). Under `never` nothing is
+        // fsynced, and recovery clamps offsets to the records it finds.
+        let covered = match self.config.fsync {
+            FsyncPolicy::Never => u64::MAX,
+            _ => synced,
+        };
         let mut consumers: Vec<SavedCursor> = state
             .cursors
             .iter()
             .map(|(id, c)| SavedCursor {
                 id: id.to_vec(),
-                offset: c.pos,
+                offset: c.pos.min(covered),
                 ack: c.is_ack(),
             })
             .collect();
@@ -826,6 +834,7 @@ impl Core {
             next_id,
             next_consumer: state.next_consumer,
             head: state.head.min(next_id),
+            capacity: self.ring.capacity(),
             consumers,
         }
     }
