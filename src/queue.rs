@@ -101,6 +101,38 @@ pub struct Ring {
     removed: std::sync::atomic::AtomicBool,
 }
 
+/// Looks at the objects under both keys and refuses (with a message naming
+/// the key and its option) if a live process uses either. Touches nothing.
+pub fn check_keys(
+    shm_key: i32,
+    sem_key: i32,
+) -> Result<(shm::Existing, sem::Existing), QueueError> {
+    let existing_shm = shm::inspect(shm_key)?;
+    let existing_sem = sem::inspect(sem_key)?;
+    if let shm::Existing::InUse {
+        attached,
+        creator_pid,
+        ..
+    } = existing_shm
+    {
+        return Err(QueueError::InUse {
+            what: "shared memory segment",
+            key: shm_key,
+            option: "--shm-key",
+            detail: format!("{attached} attached, created by pid {creator_pid}"),
+        });
+    }
+    if let sem::Existing::InUse { pid, .. } = existing_sem {
+        return Err(QueueError::InUse {
+            what: "semaphore set",
+            key: sem_key,
+            option: "--sem-key",
+            detail: format!("last used by pid {pid}"),
+        });
+    }
+    Ok((existing_shm, existing_sem))
+}
+
 /// Bytes a slot takes for messages of up to `max_msg_size` bytes.
 pub fn slot_size(max_msg_size: usize) -> usize {
     (SLOT_HEADER + max_msg_size).div_ceil(8) * 8
@@ -121,29 +153,7 @@ impl Ring {
     ) -> Result<Ring, QueueError> {
         // Look at both keys before removing anything, so a refusal leaves
         // every object as it was.
-        let existing_shm = shm::inspect(shm_key)?;
-        let existing_sem = sem::inspect(sem_key)?;
-        if let shm::Existing::InUse {
-            attached,
-            creator_pid,
-            ..
-        } = existing_shm
-        {
-            return Err(QueueError::InUse {
-                what: "shared memory segment",
-                key: shm_key,
-                option: "--shm-key",
-                detail: format!("{attached} attached, created by pid {creator_pid}"),
-            });
-        }
-        if let sem::Existing::InUse { pid, .. } = existing_sem {
-            return Err(QueueError::InUse {
-                what: "semaphore set",
-                key: sem_key,
-                option: "--sem-key",
-                detail: format!("last used by pid {pid}"),
-            });
-        }
+        let (existing_shm, existing_sem) = check_keys(shm_key, sem_key)?;
         if let shm::Existing::Orphan { id } = existing_shm {
             shm::remove(id)?;
             log.warn(format_args!(

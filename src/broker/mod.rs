@@ -101,6 +101,11 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
 }
 
 fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartError> {
+    // One broker per messages file: recovery may cut the file, so take its
+    // lock before reading it, and refuse keys in use before touching
+    // anything.
+    let _lock = lock_messages_file(&config.messages_file)?;
+    crate::queue::check_keys(config.shm_key, config.sem_key)?;
     let (recovered, records) = recovery::recover(&config, log).map_err(StartError)?;
     let ring = Ring::create(
         config.shm_key,
@@ -247,6 +252,30 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     } else {
         Err(StartError("shutdown was not clean; see the log".into()))
     }
+}
+
+/// Creates (0600) and locks `<messages file>.lock` for the broker's life.
+fn lock_messages_file(messages: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = messages.as_os_str().to_owned();
+    name.push(".lock");
+    let path = std::path::PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|err| format!("cannot open lock file {}: {err}", path.display()))?;
+    if !os::try_lock_exclusive(&file)? {
+        return Err(StartError(format!(
+            "messages file {} is in use by another broker (it holds {}); \
+             stop it or give this broker another messages file",
+            messages.display(),
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 fn accept_loop(shared: &Shared, listener: &TcpListener, pool: &Pool<(TcpStream, u64)>) {

@@ -11,14 +11,50 @@ use std::time::Duration;
 
 use super::cvt;
 
-/// Whether a process with `pid` exists (it may belong to another user).
+/// Whether a process with `pid` exists and is not a zombie (it may
+/// belong to another user). A zombie has exited: it holds no IPC objects,
+/// though `kill(pid, 0)` still succeeds until its parent reaps it.
 pub fn process_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
     // SAFETY: kill with signal 0 sends nothing; it only checks the pid.
     let ret = unsafe { libc::kill(pid, 0) };
-    ret == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = ret == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    exists && !is_zombie(pid)
+}
+
+/// Whether `/proc/<pid>/stat` says the process is a zombie (or dead). Where
+/// /proc is missing, the answer is no.
+fn is_zombie(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may
+    // itself contain spaces and parentheses: look after the last ')'.
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next());
+    matches!(state, Some("Z" | "X" | "x"))
+}
+
+/// An exclusive advisory lock on an open file (`flock`), released when the
+/// file is closed. Returns `Ok(false)` if another process holds it.
+pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
+    let fd = file.as_raw_fd();
+    loop {
+        // SAFETY: flock takes a descriptor the caller owns (borrowed for the call).
+        let ret = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
+        if ret == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            _ => return Err(err),
+        }
+    }
 }
 
 /// The id of this process.

@@ -115,3 +115,45 @@ fn keys_in_use_by_a_live_broker_are_refused() {
     p.expect("SEND:still here", "OK:MSG_ID:1");
     assert!(ipc_exists(first.shm_key, first.sem_key));
 }
+
+#[test]
+fn a_killed_broker_not_yet_reaped_does_not_block_a_restart() {
+    let dir = TestDir::new("ipc-zombie");
+    let mut broker = Broker::start(&dir, &[]);
+    broker.producer().expect("SEND:kept", "OK:MSG_ID:1");
+    // SIGKILL without reaping: the dead broker stays a zombie, whose pid
+    // still answers kill(pid, 0).
+    let mut zombie = broker.child.take().unwrap();
+    zombie.kill().unwrap();
+    let dead = zombie.id() as i32;
+    eventually("the killed broker to become a zombie", || {
+        std::fs::read_to_string(format!("/proc/{dead}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(false)
+    });
+    let started = broker.launch(broker.port);
+    let _ = zombie.wait();
+    started
+        .unwrap_or_else(|err| panic!("restart refused while the old broker is a zombie:\n{err}"));
+    broker.consumer("c").expect("GET", "MSG:1:kept");
+}
+
+#[test]
+fn a_second_broker_on_the_same_messages_file_is_refused() {
+    let dir = TestDir::new("ipc-file-lock");
+    let first = Broker::start(&dir, &[]);
+    first.producer().expect("SEND:mine", "OK:MSG_ID:1");
+    // Other keys, same files: without the lock it would recover (and cut)
+    // a file another broker is writing.
+    let other = TestDir::new("ipc-file-lock-2");
+    let mut second = Broker::start(&other, &[]);
+    second.kill();
+    second.messages = first.messages.clone();
+    let err = second
+        .launch(0)
+        .expect_err("a second broker on the same file must not start");
+    assert!(err.contains("status exit status: 1"), "{err}");
+    assert!(err.contains("in use by another broker"), "{err}");
+    first.producer().expect("SEND:still mine", "OK:MSG_ID:2");
+    first.consumer("c").expect("GET", "MSG:1:mine");
+}
