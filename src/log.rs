@@ -83,6 +83,15 @@ impl Logger {
     }
 
     pub fn log(&self, level: Level, message: fmt::Arguments<'_>) {
+        self.write(level, message, level <= Level::Warn);
+    }
+
+    /// Logs to the file only: for a message the caller prints itself.
+    pub fn file_only(&self, level: Level, message: fmt::Arguments<'_>) {
+        self.write(level, message, false);
+    }
+
+    fn write(&self, level: Level, message: fmt::Arguments<'_>, to_stderr: bool) {
         if !self.enabled(level) {
             return;
         }
@@ -92,7 +101,7 @@ impl Logger {
             level.name(),
             message
         );
-        if level <= Level::Warn {
+        if to_stderr {
             let _ = io::stderr().write_all(line.as_bytes());
         }
         if let Some(file) = &self.file {

@@ -1,17 +1,19 @@
 //! The broker's shared state: the queue, the messages file, the cursors,
 //! and the connections waiting for a `NOTIFY`.
 //!
-//! Locks, always taken in this order: `state` (a std `Mutex`) → the ring's
-//! SysV MUTEX → a connection's write lock or the syncer's lock. Nobody
-//! waits for room in the ring while holding `state` (senders reserve slots
-//! first), and nobody blocks on a socket while holding `state`: pushes to
-//! other connections use non-blocking sends and are made after `state` is
-//! released.
+//! Locks, in the order they are taken: a worker's own connection write
+//! lock (held for a whole batch, so no push lands inside its replies) →
+//! `state` (a std `Mutex`) → the ring's SysV MUTEX → the syncer's lock.
+//! Pushes to *other* connections only ever `try_lock` their write lock and
+//! send without blocking, after `state` is released, so no cycle can form.
+//! Nobody waits for room in the ring while holding `state` (senders reserve
+//! slots first), and nobody blocks on a socket while holding `state`.
 //!
 //! Invariants: the ring holds exactly the ids `head..next_id`; every id in
 //! it is also in the messages file; a message is removed from the ring only
 //! when every cursor has passed it; an `OK:MSG_ID` is produced only after
-//! the record's `write` returned (and, under `always`, its fsync).
+//! the record's `write` returned (and, under `always`, its fsync); under
+//! `always` consumers see a message only once it is fsynced.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -161,6 +163,10 @@ impl Writer<'_> {
 struct State {
     file: MessageFile,
     next_id: u64,
+    /// The id after the last message consumers may see: `next_id`, except
+    /// under `--fsync always`, where a message is shown only once fsynced
+    /// (so no consumer ever sees a message a power cut could take back).
+    visible_next: u64,
     head: u64,
     next_consumer: u64,
     cursors: HashMap<Arc<[u8]>, Cursor>,
@@ -374,6 +380,7 @@ impl Core {
             state: Mutex::new(State {
                 file: recovered.file,
                 next_id: recovered.next_id,
+                visible_next: recovered.next_id,
                 head: recovered.head,
                 next_consumer: recovered.next_consumer,
                 cursors,
@@ -429,6 +436,7 @@ impl Core {
             let stored = self.append(chunk).and_then(|first| {
                 if self.config.fsync == FsyncPolicy::Always {
                     self.sync.sync_to(first + chunk.len() as u64 - 1)?;
+                    self.publish(self.sync.synced() + 1);
                 }
                 Ok(first)
             });
@@ -485,11 +493,9 @@ impl Core {
             self.log
                 .debug(format_args!("stored messages {first}..={}", first + n - 1));
         }
-        let next_id = state.next_id;
-        for (conn, key) in state.armed.drain(..) {
-            conn.armed.store(false, Ordering::Relaxed);
-            let waiting = state.cursors.get(&key).map_or(n, |c| c.waiting(next_id));
-            notify.push((conn, waiting));
+        if self.config.fsync != FsyncPolicy::Always {
+            state.visible_next = state.next_id;
+            notify = self.take_armed(state);
         }
         drop(guard);
         for (conn, count) in notify {
@@ -498,10 +504,84 @@ impl Core {
         Ok(first)
     }
 
+    /// Shows consumers the messages before `visible_next` (under
+    /// `--fsync always`, once they are fsynced) and notifies the armed
+    /// connections.
+    fn publish(&self, visible_next: u64) {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let visible_next = visible_next.min(state.next_id);
+        if visible_next <= state.visible_next {
+            return;
+        }
+        state.visible_next = visible_next;
+        let notify = self.take_armed(state);
+        drop(guard);
+        for (conn, count) in notify {
+            conn.push_notify(count);
+        }
+    }
+
+    /// Disarms every armed connection whose id has messages to take, and
+    /// returns them with the count to notify.
+    fn take_armed(&self, state: &mut State) -> Vec<(Arc<Conn>, u64)> {
+        let mut notify = Vec::new();
+        let (cursors, visible_next) = (&state.cursors, state.visible_next);
+        let max = self.config.max_ack_pending;
+        state.armed.retain(|(conn, key)| {
+            let waiting = cursors
+                .get(key)
+                .map_or(0, |c| c.deliverable(visible_next, max));
+            if waiting == 0 {
+                return true;
+            }
+            conn.armed.store(false, Ordering::Relaxed);
+            notify.push((Arc::clone(conn), waiting));
+            false
+        });
+        notify
+    }
+
+    /// After a batch of a consumer's requests: if messages are there to
+    /// take and no NOTIFY is outstanding on `conn` (a `GET` clears it),
+    /// the NOTIFY goes at the end of the replies; otherwise `conn` is armed
+    /// for the next arrival. At most one NOTIFY until the next GET.
+    fn settle_notify(
+        &self,
+        state: &mut State,
+        conn: &Arc<Conn>,
+        key: &Arc<[u8]>,
+        got: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let outstanding = !got && !conn.armed.load(Ordering::Relaxed);
+        if outstanding {
+            return;
+        }
+        let max = self.config.max_ack_pending;
+        let waiting = state
+            .cursors
+            .get(key)
+            .map_or(0, |c| c.deliverable(state.visible_next, max));
+        if waiting > 0 {
+            if conn.armed.swap(false, Ordering::Relaxed) {
+                state.armed.retain(|(armed, _)| armed.id != conn.id);
+            }
+            protocol::write_notify(out, waiting);
+        } else if !conn.armed.swap(true, Ordering::Relaxed) {
+            state.armed.push((Arc::clone(conn), Arc::clone(key)));
+        }
+    }
+
     /// Pushes a NOTIFY to the armed connections of consumer `key`, if
     /// messages are waiting for it (after a redelivery became possible).
     fn notify_armed(&self, state: &mut State, key: &Arc<[u8]>) -> Vec<(Arc<Conn>, u64)> {
-        let Some(waiting) = state.cursors.get(key).map(|c| c.waiting(state.next_id)) else {
+        let max = self.config.max_ack_pending;
+        let Some(waiting) = state
+            .cursors
+            .get(key)
+            .map(|c| c.deliverable(state.visible_next, max))
+        else {
             return Vec::new();
         };
         if waiting == 0 {
@@ -528,7 +608,7 @@ impl Core {
     pub fn get_batch(&self, conn: &Arc<Conn>, key: &Arc<[u8]>, count: usize, out: &mut Vec<u8>) {
         let mut state = self.state();
         let state = &mut *state;
-        let next_id = state.next_id;
+        let next_id = state.visible_next;
         let Some(cursor) = state.cursors.get_mut(key) else {
             // Cannot happen: a registered connection keeps its cursor alive.
             for _ in 0..count {
@@ -579,9 +659,7 @@ impl Core {
             }
         }
         let moved = cursor.pos != old;
-        if !conn.armed.swap(true, Ordering::Relaxed) {
-            state.armed.push((Arc::clone(conn), Arc::clone(key)));
-        }
+        self.settle_notify(state, conn, key, true, out);
         if moved {
             state.offsets_dirty = true;
             if old + 1 == state.head {
@@ -593,10 +671,20 @@ impl Core {
     /// Answers a run of `ACK:<id>`s from consumer `key`: `OK:ACK:<id>` for
     /// each message in flight (or waiting to go again), else
     /// `ERROR:Unknown message id` (also for every ACK in plain mode).
-    pub fn ack_batch(&self, key: &Arc<[u8]>, ids: &[Option<u64>], out: &mut Vec<u8>) {
+    pub fn ack_batch(
+        &self,
+        conn: &Arc<Conn>,
+        key: &Arc<[u8]>,
+        ids: &[Option<u64>],
+        out: &mut Vec<u8>,
+    ) {
         let mut state = self.state();
         let state = &mut *state;
         let Some(cursor) = state.cursors.get_mut(key) else {
+            // Cannot happen: a registered connection keeps its cursor alive.
+            for _ in ids {
+                ErrorCode::UnknownMessageId.write_line(out);
+            }
             return;
         };
         let old = cursor.pos;
@@ -613,7 +701,10 @@ impl Core {
             }
         }
         self.counters.acked.fetch_add(acked, Ordering::Relaxed);
-        if cursor.pos != old {
+        let moved = cursor.pos != old;
+        // Acks may have made room under --max-ack-pending.
+        self.settle_notify(state, conn, key, false, out);
+        if moved {
             state.offsets_dirty = true;
             if old + 1 == state.head {
                 self.release(state);
@@ -686,20 +777,15 @@ impl Core {
             .entry(Arc::clone(&key))
             .or_insert_with(|| Cursor::new(head - 1, ack, Instant::now()));
         cursor.connections += 1;
-        let backlog = cursor.waiting(state.next_id);
+        let pos = cursor.pos;
         state.offsets_dirty = true;
         protocol::write_consumer_ok(out, &key);
-        if backlog > 0 {
-            protocol::write_notify(out, backlog);
-        } else if !conn.armed.swap(true, Ordering::Relaxed) {
-            state.armed.push((Arc::clone(conn), Arc::clone(&key)));
-        }
+        self.settle_notify(state, conn, &key, true, out);
         self.log.info(format_args!(
-            "connection {} registered as consumer {}{} at offset {}",
+            "connection {} registered as consumer {}{} at offset {pos}",
             conn.id,
             String::from_utf8_lossy(&key),
             if ack { " (ack mode)" } else { "" },
-            cursor.pos
         ));
         Ok(key)
     }

@@ -83,6 +83,16 @@ impl Cursor {
         }
     }
 
+    /// Messages a `GET` could take now: those waiting, unless ack mode's
+    /// bound on messages in flight is reached.
+    pub fn deliverable(&self, next_id: u64, max_in_flight: usize) -> u64 {
+        if self.in_flight() >= max_in_flight {
+            0
+        } else {
+            self.waiting(next_id)
+        }
+    }
+
     /// Messages in flight (ack mode; 0 in plain mode).
     pub fn in_flight(&self) -> usize {
         self.ack.as_ref().map_or(0, |ack| ack.in_flight.len())

@@ -95,7 +95,8 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     ));
     let result = start_and_serve(config, &log);
     if let Err(err) = &result {
-        log.error(format_args!("{err}"));
+        // The binary prints it on stderr; the log keeps a copy.
+        log.file_only(crate::log::Level::Error, format_args!("{err}"));
     }
     result
 }
@@ -408,7 +409,9 @@ fn spawn_housekeeping(
             let interval = shared.config.fsync_interval;
             let mut last_sync = Instant::now();
             let mut last_slow = Instant::now();
-            while !stop.sleep(TICK) {
+            // A shorter --fsync-interval than the tick shortens the tick.
+            let tick = TICK.min(interval);
+            while !stop.sleep(tick) {
                 if core.config.fsync == FsyncPolicy::Interval && last_sync.elapsed() >= interval {
                     last_sync = Instant::now();
                     if let Err(err) = core.sync_now() {
