@@ -384,7 +384,7 @@ impl Sender {
 }
 
 /// The final line on stderr.
-fn summary(sender: &Sender, started: Instant) {
+fn summary(sender: &Sender, started: Instant, latencies: &mut Latencies) {
     let elapsed = started.elapsed().as_secs_f64();
     let rate = if elapsed > 0.0 {
         sender.acked as f64 / elapsed
@@ -392,15 +392,68 @@ fn summary(sender: &Sender, started: Instant) {
         0.0
     };
     eprintln!(
-        "producer: sent {}, acknowledged {}, errors {}, resent {}, elapsed {elapsed:.3} s, {rate:.0} msgs/s",
-        sender.sent, sender.acked, sender.errors, sender.resent
+        "producer: sent {}, acknowledged {}, errors {}, resent {}, elapsed {elapsed:.3} s, {rate:.0} msgs/s{}",
+        sender.sent,
+        sender.acked,
+        sender.errors,
+        sender.resent,
+        latencies.describe()
     );
 }
 
-fn report(events: &mut Vec<Event>, print_ids: bool, out: &mut impl Write) -> io::Result<()> {
+/// Send-to-acknowledgement times of the first [`Latencies::LIMIT`]
+/// messages, in microseconds, for the summary's percentiles.
+#[derive(Debug, Default)]
+pub struct Latencies {
+    samples: Vec<u32>,
+}
+
+impl Latencies {
+    /// Samples kept at most (4 MB).
+    pub const LIMIT: usize = 1 << 20;
+
+    pub fn add(&mut self, latency: Duration) {
+        if self.samples.len() < Latencies::LIMIT {
+            self.samples
+                .push(latency.as_micros().min(u128::from(u32::MAX)) as u32);
+        }
+    }
+
+    /// The `q` quantile (0 to 1) in microseconds; sorts the samples.
+    pub fn quantile(&mut self, q: f64) -> Option<u32> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        self.samples.sort_unstable();
+        let rank = ((self.samples.len() as f64 * q).ceil() as usize).clamp(1, self.samples.len());
+        Some(self.samples[rank - 1])
+    }
+
+    /// `, ack latency p50 .. p99 .. p99.9 .. us`, or nothing without samples.
+    fn describe(&mut self) -> String {
+        match (
+            self.quantile(0.5),
+            self.quantile(0.99),
+            self.quantile(0.999),
+        ) {
+            (Some(p50), Some(p99), Some(p999)) => {
+                format!(", ack latency p50 {p50} us p99 {p99} us p99.9 {p999} us")
+            }
+            _ => String::new(),
+        }
+    }
+}
+
+fn report(
+    events: &mut Vec<Event>,
+    print_ids: bool,
+    out: &mut impl Write,
+    latencies: &mut Latencies,
+) -> io::Result<()> {
     for event in events.drain(..) {
         match event {
-            Event::Acked { seq, id, .. } => {
+            Event::Acked { seq, id, latency } => {
+                latencies.add(latency);
                 if print_ids {
                     writeln!(out, "message {seq} stored with id {id}")?;
                 }
@@ -423,6 +476,7 @@ pub fn run_automatic(options: &ProducerOptions, count: u64) -> i32 {
         options.heartbeat,
     );
     let mut events = Vec::new();
+    let mut latencies = Latencies::default();
     let mut stdout = io::stdout().lock();
     let mut next = 1u64;
     let mut next_at = Instant::now();
@@ -443,14 +497,14 @@ pub fn run_automatic(options: &ProducerOptions, count: u64) -> i32 {
         };
         if let Err(err) = sender.step(deadline, &mut events) {
             eprintln!("producer: giving up: {err}");
-            summary(&sender, started);
+            summary(&sender, started, &mut latencies);
             return 1;
         }
-        if report(&mut events, options.print_ids, &mut stdout).is_err() {
+        if report(&mut events, options.print_ids, &mut stdout, &mut latencies).is_err() {
             return 1;
         }
     }
-    summary(&sender, started);
+    summary(&sender, started, &mut latencies);
     let ok = sender.acked == count && sender.errors == 0;
     sender.close();
     if ok { 0 } else { 1 }
@@ -561,6 +615,7 @@ pub fn run_lines(options: &ProducerOptions) -> i32 {
         options.heartbeat,
     );
     let mut events = Vec::new();
+    let mut latencies = Latencies::default();
     let mut stdout = io::stdout().lock();
     let mut seq = 0u64;
     let mut input_done = false;
@@ -609,16 +664,23 @@ pub fn run_lines(options: &ProducerOptions) -> i32 {
             Instant::now() + Duration::from_millis(if sender.pending() > 0 { 200 } else { 0 });
         if let Err(err) = sender.step(deadline, &mut events) {
             eprintln!("producer: giving up: {err}");
-            summary(&sender, started);
+            summary(&sender, started, &mut latencies);
             return 1;
         }
-        if report(&mut events, terminal || options.print_ids, &mut stdout).is_err() {
+        if report(
+            &mut events,
+            terminal || options.print_ids,
+            &mut stdout,
+            &mut latencies,
+        )
+        .is_err()
+        {
             return 1;
         }
     }
     let _ = reader.join();
     if !terminal {
-        summary(&sender, started);
+        summary(&sender, started, &mut latencies);
     }
     let ok = sender.acked == seq && sender.errors == 0;
     sender.close();

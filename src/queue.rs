@@ -287,6 +287,30 @@ impl Ring {
         Ok(())
     }
 
+    /// Takes `n` free slots and the MUTEX in one atomic operation, without
+    /// waiting: `None` when fewer than `n` slots are free (nothing taken).
+    pub fn lock_reserving(&self, n: usize) -> io::Result<Option<RingGuard<'_>>> {
+        let ops = [
+            Op {
+                index: EMPTY,
+                delta: -(n as i16),
+                flags: NOWAIT,
+            },
+            Op {
+                index: MUTEX,
+                delta: -1,
+                flags: UNDO,
+            },
+        ];
+        if !self.sems.apply(&ops, None)? {
+            return Ok(None);
+        }
+        Ok(Some(RingGuard {
+            ring: self,
+            released: false,
+        }))
+    }
+
     /// Takes the MUTEX; the guard gives access to the slots.
     pub fn lock(&self) -> io::Result<RingGuard<'_>> {
         self.sems.apply(
@@ -450,6 +474,24 @@ impl RingGuard<'_> {
             None,
         )?;
         Err(io::Error::other("semaphore FULL below the ring's count"))
+    }
+
+    /// Releases the MUTEX and gives back `n` reserved slots not used.
+    pub fn unlock_giving_back(mut self, n: usize) -> io::Result<()> {
+        self.released = true;
+        let ops = [
+            Op {
+                index: MUTEX,
+                delta: 1,
+                flags: UNDO,
+            },
+            Op {
+                index: EMPTY,
+                delta: n as i16,
+                flags: 0,
+            },
+        ];
+        self.ring.sems.apply(&ops, None).map(drop)
     }
 
     /// Releases the MUTEX with no count change.

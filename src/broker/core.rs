@@ -412,28 +412,42 @@ impl Core {
     /// (or `give_up` said so), or `ERROR:Persistence failure`.
     pub fn send_batch(&self, contents: &[&[u8]], out: &mut Vec<u8>, give_up: &dyn Fn() -> bool) {
         let deadline = Instant::now() + self.config.send_timeout;
+        let capacity = self.ring.capacity() as usize;
         let mut done = 0;
         while done < contents.len() {
-            let reserved = match self.ring.reserve(contents.len() - done, deadline, give_up) {
-                Ok(n) => n,
-                Err(err) => {
-                    self.log.error(format_args!("queue: {err}"));
-                    0
+            let want = (contents.len() - done).min(capacity);
+            // Fast path: take the slots and the queue's MUTEX in one semop,
+            // if there is room for all of them now.
+            let mut result = self.append(&contents[done..done + want], false);
+            if let Ok(None) = result {
+                // Not enough room: wait (bounded) for some, without locks.
+                let reserved = match self.ring.reserve(want, deadline, give_up) {
+                    Ok(n) => n,
+                    Err(err) => {
+                        self.log.error(format_args!("queue: {err}"));
+                        0
+                    }
+                };
+                if reserved == 0 {
+                    let rest = contents.len() - done;
+                    self.counters
+                        .queue_full
+                        .fetch_add(rest as u64, Ordering::Relaxed);
+                    for _ in 0..rest {
+                        ErrorCode::QueueFull.write_line(out);
+                    }
+                    return;
                 }
-            };
-            if reserved == 0 {
-                let rest = contents.len() - done;
-                self.counters
-                    .queue_full
-                    .fetch_add(rest as u64, Ordering::Relaxed);
-                for _ in 0..rest {
-                    ErrorCode::QueueFull.write_line(out);
-                }
-                return;
+                result = self.append(&contents[done..done + reserved], true);
             }
-            let chunk = &contents[done..done + reserved];
-            done += reserved;
-            let stored = self.append(chunk).and_then(|first| {
+            let chunk_len = match &result {
+                Ok(Some((_, n))) => *n,
+                _ => want,
+            };
+            let chunk = &contents[done..done + chunk_len];
+            done += chunk_len;
+            let result = result.map(|stored| stored.map_or(0, |(first, _)| first));
+            let stored = result.and_then(|first| {
                 if self.config.fsync == FsyncPolicy::Always {
                     self.sync.sync_to(first + chunk.len() as u64 - 1)?;
                     self.publish(self.sync.synced() + 1);
@@ -460,13 +474,29 @@ impl Core {
         }
     }
 
-    /// Appends `chunk` to the file and the ring (slots already reserved);
-    /// returns the first id. On error nothing is stored and the slots are
-    /// given back.
-    fn append(&self, chunk: &[&[u8]]) -> io::Result<u64> {
+    /// Appends `chunk` to the file and the ring; returns the first id and
+    /// how many were stored. With `reserved`, the caller already took the
+    /// slots; without, they are taken here together with the MUTEX, and
+    /// `Ok(None)` says there was not room for all of `chunk` (nothing was
+    /// stored). On error nothing is stored and the slots are given back.
+    fn append(&self, chunk: &[&[u8]], reserved: bool) -> io::Result<Option<(u64, usize)>> {
         let mut notify: Vec<(Arc<Conn>, u64)> = Vec::new();
         let mut guard = self.state();
         let state = &mut *guard;
+        let mut ring = if reserved {
+            match self.ring.lock() {
+                Ok(ring) => ring,
+                Err(err) => {
+                    let _ = self.ring.unreserve(chunk.len());
+                    return Err(err);
+                }
+            }
+        } else {
+            match self.ring.lock_reserving(chunk.len())? {
+                Some(ring) => ring,
+                None => return Ok(None),
+            }
+        };
         let first = state.next_id;
         let timestamp = unix_now();
         state.scratch.clear();
@@ -474,14 +504,15 @@ impl Core {
             store::encode_record(&mut state.scratch, first + k as u64, timestamp, content);
         }
         let old_len = state.file.len();
-        let stored = state.file.append(&state.scratch).and_then(|()| {
-            let mut guard = self.ring.lock()?;
-            guard.push(timestamp, chunk);
-            guard.unlock_pushed(chunk.len())
-        });
-        if let Err(err) = stored {
+        if let Err(err) = state.file.append(&state.scratch) {
+            // Nothing was stored (the file is cut back): give the slots back.
+            let _ = ring.unlock_giving_back(chunk.len());
+            return Err(err);
+        }
+        ring.push(timestamp, chunk);
+        if let Err(err) = ring.unlock_pushed(chunk.len()) {
+            // The semaphores are gone: keep file and ids as they were.
             state.file.cut_back(old_len);
-            let _ = self.ring.unreserve(chunk.len());
             return Err(err);
         }
         let n = chunk.len() as u64;
@@ -501,7 +532,7 @@ impl Core {
         for (conn, count) in notify {
             conn.push_notify(count);
         }
-        Ok(first)
+        Ok(Some((first, chunk.len())))
     }
 
     /// Shows consumers the messages before `visible_next` (under
