@@ -3,6 +3,7 @@
 #   ./build.sh          release binaries into bin/ (broker, producer, consumer)
 #   ./build.sh test     cargo fmt --check, clippy -D warnings, every test
 #   ./build.sh demo     a broker, a consumer and a producer, end to end
+#   ./build.sh bench    throughput, latency and memory figures (docs/performance.md)
 #   ./build.sh clean    remove build output
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -87,10 +88,129 @@ demo() {
     cat "$dir/broker.log"
 }
 
+
+# --- benchmark -----------------------------------------------------------
+# Starts brokers with their own temp dir, keys and port, drives them with
+# our own clients, prints one table. Bounded: every client runs under
+# `timeout`, every broker is stopped by pid.
+bench_start_broker() {  # args: extra broker options; sets bpid, bport
+    rm -f "$bdir"/messages.dat*
+    "$here/bin/broker" --port 0 --bind 127.0.0.1 --shm-key "$bkey" --sem-key "$((bkey + 1))" \
+        --log-file "$bdir/broker.log" "$@" "$bdir/messages.dat" >"$bdir/broker.out" 2>&1 &
+    bpid=$!
+    for _ in $(seq 1 200); do
+        grep -q '^listening on' "$bdir/broker.out" 2>/dev/null && break
+        kill -0 "$bpid" 2>/dev/null || { cat "$bdir/broker.out"; exit 1; }
+        sleep 0.02
+    done
+    bport="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$bdir/broker.out")"
+    [ -n "$bport" ] || { echo "broker did not start"; cat "$bdir/broker.out"; exit 1; }
+}
+
+bench_stop_broker() {
+    if [ -n "${bpid:-}" ]; then kill -TERM "$bpid" 2>/dev/null || true; wait "$bpid" 2>/dev/null || true; fi
+    bpid=""
+}
+
+now_ns() { date +%s%N; }
+
+# msgs/s of `count` messages over `start`..now (ns)
+rate() { awk -v n="$1" -v a="$2" -v b="$(now_ns)" 'BEGIN { printf "%.0f", n / ((b - a) / 1e9) }'; }
+
+# Producer summary field: "N msgs/s" or a latency percentile.
+summary_rate() { sed -n 's/.* \([0-9]*\) msgs\/s.*/\1/p' "$1" | tail -n 1; }
+summary_latency() { sed -n 's/.*ack latency p50 \([0-9]*\) us p99 \([0-9]*\) us p99.9 \([0-9]*\) us.*/\1 \/ \2 \/ \3/p' "$1" | tail -n 1; }
+
+# One end-to-end run: $1 producers and $1 consumers (one consumer id, so
+# they share the work), $2 messages in all. Prints msgs/s.
+bench_e() {
+    local pairs=$1 total=$2 each start pids=()
+    each=$((total / pairs))
+    for _ in $(seq 1 "$pairs"); do
+        timeout 120 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id bench --count "$each" \
+            --window 256 >/dev/null 2>>"$bdir/clients.err" &
+        pids+=($!)
+    done
+    start=$(now_ns)
+    for _ in $(seq 1 "$pairs"); do
+        timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$each" -i 0 --window 256 \
+            --size "$bsize" >/dev/null 2>>"$bdir/clients.err" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || { echo "a client failed; see $bdir/clients.err" >&2; return 1; }; done
+    rate "$total" "$start"
+}
+
+bench() {
+    build >/dev/null
+    bsize=100 bcount=200000
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --size) bsize="$2"; shift 2 ;;
+            --count) bcount="$2"; shift 2 ;;
+            *) echo "usage: ./build.sh bench [--size BYTES] [--count N]" >&2; exit 2 ;;
+        esac
+    done
+    bdir="$(mktemp -d "${TMPDIR:-/tmp}/mq-bench.XXXXXX")"
+    bkey=$(( 0x4d520000 + ($$ % 4096) * 2 ))
+    bpid=""
+    trap 'bench_stop_broker; rm -rf "$bdir"' EXIT
+    # P and L need the whole run to fit in the queue (nothing consumes).
+    local fill=$(( bcount < 30000 ? bcount : 30000 )) lat=20000 peak=0
+    printf 'messages of %s bytes; E/E4: %s messages, window 256; P: %s messages into an empty queue of 32767; L: %s round trips, window 1\n' \
+        "$bsize" "$bcount" "$fill" "$lat"
+    printf '%-9s %12s %12s %12s %12s   %s\n' "fsync" "P first fill" "P" "E" "E4" "L ack p50 / p99 / p99.9 us"
+    for policy in never interval always; do
+        # P, first fill: the queue's shared memory is touched for the first time.
+        bench_start_broker --fsync "$policy" --capacity 32767
+        timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$fill" -i 0 --window 256 \
+            --size "$bsize" >/dev/null 2>"$bdir/p.err"
+        local p_cold; p_cold=$(summary_rate "$bdir/p.err")
+        bench_stop_broker
+        # P on a broker whose queue memory was used once (the steady state).
+        bench_start_broker --fsync "$policy" --capacity 32767
+        bench_e 1 32767 >/dev/null
+        timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$fill" -i 0 --window 256 \
+            --size "$bsize" >/dev/null 2>"$bdir/p.err"
+        local p_warm; p_warm=$(summary_rate "$bdir/p.err")
+        bench_stop_broker
+        # E: one producer, one consumer; E4: four of each.
+        bench_start_broker --fsync "$policy"
+        local e; e=$(bench_e 1 "$bcount")
+        local hwm; hwm=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$bpid/status")
+        [ "$hwm" -gt "$peak" ] && peak=$hwm
+        bench_stop_broker
+        bench_start_broker --fsync "$policy"
+        local e4; e4=$(bench_e 4 "$bcount")
+        bench_stop_broker
+        # L: window-1 round trips.
+        bench_start_broker --fsync "$policy" --capacity 32767
+        timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$lat" -i 0 --window 1 \
+            --size "$bsize" >/dev/null 2>"$bdir/l.err"
+        local l; l=$(summary_latency "$bdir/l.err")
+        bench_stop_broker
+        printf '%-9s %12s %12s %12s %12s   %s\n' "$policy" "$p_cold" "$p_warm" "$e" "$e4" "$l"
+    done
+    bench_start_broker
+    sleep 0.5
+    local idle; idle=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$bpid/status")
+    local threads; threads=$(sed -n 's/^Threads:[[:space:]]*\([0-9]*\)/\1/p' "/proc/$bpid/status")
+    bench_stop_broker
+    printf 'broker RSS: idle %s KiB (%s threads, default pool of 100); peak during E %s KiB\n' "$idle" "$threads" "$peak"
+    local sizes=""
+    for program in broker producer consumer; do
+        cp "$here/bin/$program" "$bdir/$program.stripped"
+        strip "$bdir/$program.stripped"
+        sizes+="$program $(stat -c %s "$bdir/$program.stripped") bytes; "
+    done
+    printf 'stripped binaries: %s\n' "${sizes%; }"
+}
+
 case "${1:-}" in
     "") build ;;
     test) run_tests ;;
     demo) demo ;;
+    bench) shift; bench "$@" ;;
     clean) cargo clean; rm -rf bin ;;
-    *) echo "usage: ./build.sh [test|demo|clean]" >&2; exit 2 ;;
+    *) echo "usage: ./build.sh [test|demo|bench|clean]" >&2; exit 2 ;;
 esac
