@@ -289,6 +289,13 @@ impl Connection {
         }
     }
 
+    /// Whether a complete line has arrived and waits to be taken, so the
+    /// next [`read_line`](Self::read_line) returns without reading the
+    /// socket.
+    pub fn has_line(&self) -> bool {
+        !self.lines.is_empty()
+    }
+
     /// Sends `request` and waits for its reply, skipping NOTIFY pushes.
     pub fn request(&mut self, request: &[u8]) -> Result<Vec<u8>, ClientError> {
         self.send(request)?;
@@ -319,13 +326,22 @@ impl Connection {
         Ok(())
     }
 
-    /// Registers as a consumer under `id` (or a new one) and returns the id
-    /// the broker confirmed. A NOTIFY right after it stays queued for the
-    /// caller.
-    pub fn register_consumer(&mut self, id: Option<&str>) -> Result<String, ClientError> {
-        let request = match id {
-            Some(id) => format!("REGISTER:CONSUMER:{id}"),
-            None => "REGISTER:CONSUMER".to_string(),
+    /// Registers as a consumer under `id` (or a new one), with explicit
+    /// acknowledgements if `ack` (which needs an `id`: the broker assigns
+    /// no ids in ack mode), and returns the id the broker confirmed. A
+    /// NOTIFY right after it stays queued for the caller.
+    pub fn register_consumer(
+        &mut self,
+        id: Option<&str>,
+        ack: bool,
+    ) -> Result<String, ClientError> {
+        let request = match (id, ack) {
+            (Some(id), true) => format!("REGISTER:CONSUMER:{id}:ACK"),
+            (Some(id), false) => format!("REGISTER:CONSUMER:{id}"),
+            (None, _) => {
+                assert!(!ack, "ack mode needs a consumer id");
+                "REGISTER:CONSUMER".to_string()
+            }
         };
         let reply = self.request(request.as_bytes())?;
         match reply.strip_prefix(b"OK:CONSUMER:") {

@@ -3,20 +3,39 @@
 //! message's content on stdout, one per line, flushed. Diagnostics go to
 //! stderr, so it pipes well.
 //!
+//! With `--ack` it registers with `REGISTER:CONSUMER:<id>:ACK` and sends
+//! `ACK:<id>` for a message only after its line was written to stdout and
+//! stdout flushed, so `consumer --ack | program` loses nothing when the
+//! consumer is killed: what it had not acknowledged the broker delivers
+//! again (at least once). Acks go out in batches, one per read from the
+//! socket, in the same pipeline as the `GET`s; the replies due are kept as
+//! a FIFO of request kinds ([`Request`]), since `OK:ACK:<id>` replies
+//! interleave with `MSG:` ones.
+//!
 //! On a lost connection it reconnects with backoff and registers again
 //! under the same id, so it resumes where its cursor was. A broker that
-//! crashed may hand back messages this process already printed (its saved
-//! cursor lags); message ids are never reused, so those with an id at or
-//! below the last one printed are skipped (and counted on stderr) rather
-//! than printed twice, unless the broker's next id shows it was reset.
-//! With `--count N` it never asks for more than it still wants: without
-//! acknowledgements a `GET` consumes, and a message fetched and not
-//! printed would be lost to this id.
+//! crashed, or an ack-mode broker that took a message back, may hand out
+//! again a message this process already printed. Message ids are never
+//! reused, so the ids printed are remembered ([`PrintedIds`], a bounded set
+//! of ranges) and a message whose id is among them is skipped (and counted
+//! on stderr) rather than printed twice; in ack mode it is still
+//! acknowledged, or it would come back forever. Only ids this process
+//! printed are skipped, never "everything below the highest", because in
+//! ack mode a lower id may legitimately arrive late (a message in flight on
+//! a dead connection is released after newer ones went out). If the
+//! broker's next id shows it was reset, the set is forgotten.
+//!
+//! With `--count N` it stops after N distinct messages printed and never
+//! asks for more than it still wants: without acknowledgements a `GET`
+//! consumes, and a message fetched and not printed would be lost to this
+//! id. In ack mode it waits (briefly) for its last acks to be confirmed
+//! before it says goodbye.
 //!
 //! While idle it sends `HEARTBEAT:<unix time>` every `--heartbeat` seconds;
 //! if the broker still drops it for idleness, it halves the period (down
 //! to [`client::MIN_HEARTBEAT`]) and reconnects.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
@@ -41,10 +60,88 @@ pub struct ConsumerOptions {
     pub retries: Option<u32>,
     /// Send a heartbeat after this long without traffic.
     pub heartbeat: Duration,
+    /// Ack mode: acknowledge each message once printed and flushed (needs
+    /// `id`).
+    pub ack: bool,
 }
 
 /// Default number of pipelined GETs.
 pub const DEFAULT_WINDOW: usize = 64;
+
+/// Ranges of printed ids remembered at most. One consumer alone prints a
+/// few long runs; competing consumers of one id fragment them. Past the
+/// bound the lowest range is forgotten, so a late redelivery of one of
+/// those ids is printed again: a duplicate, never a loss.
+pub const MAX_PRINTED_RANGES: usize = 4096;
+
+/// How long a consumer that is done (`--count` reached, `--timeout`
+/// passed) waits for the broker to confirm its last acks. What stays
+/// unconfirmed is delivered again to the id later, so waiting longer would
+/// only save duplicates.
+pub const FINISH_WAIT: Duration = Duration::from_secs(5);
+
+/// The message ids this process printed, as disjoint inclusive ranges
+/// (`start -> end`), at most a given number of them.
+#[derive(Debug)]
+pub struct PrintedIds {
+    ranges: BTreeMap<u64, u64>,
+    limit: usize,
+}
+
+impl PrintedIds {
+    /// An empty set that keeps at most `limit` ranges (at least one).
+    pub fn new(limit: usize) -> PrintedIds {
+        PrintedIds {
+            ranges: BTreeMap::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        self.ranges
+            .range(..=id)
+            .next_back()
+            .is_some_and(|(_, &end)| id <= end)
+    }
+
+    /// Adds `id`; returns false if it was there already.
+    pub fn insert(&mut self, id: u64) -> bool {
+        if self.contains(id) {
+            return false;
+        }
+        let joins_previous = self
+            .ranges
+            .range(..id)
+            .next_back()
+            .filter(|&(_, &end)| end + 1 == id)
+            .map(|(&start, _)| start);
+        let joins_next = id.checked_add(1).and_then(|next| self.ranges.remove(&next));
+        self.ranges
+            .insert(joins_previous.unwrap_or(id), joins_next.unwrap_or(id));
+        if self.ranges.len() > self.limit {
+            self.ranges.pop_first();
+        }
+        true
+    }
+
+    /// The highest id remembered.
+    pub fn max(&self) -> Option<u64> {
+        self.ranges.last_key_value().map(|(_, &end)| end)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Ranges held (for tests and bounds).
+    pub fn ranges(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.ranges.clear();
+    }
+}
 
 enum Next {
     Done,
@@ -53,12 +150,37 @@ enum Next {
 
 /// What outlives a connection.
 struct Progress {
-    /// Messages printed.
+    /// Distinct messages printed.
     received: u64,
     last_message: Instant,
-    /// The highest message id printed, if redeliveries are being checked.
-    last_id: Option<u64>,
+    /// The ids printed, to skip redeliveries.
+    printed: PrintedIds,
     heartbeat: Duration,
+    /// Ack mode: ids printed whose ack was not confirmed when the last
+    /// connection ended; acknowledged again on the next one.
+    unconfirmed: Vec<u64>,
+    /// Redeliveries skipped.
+    skipped: u64,
+    /// Acks confirmed with `OK:ACK`, and refused (`ERROR:Unknown message
+    /// id`: acknowledged already, or the broker restarted since it
+    /// delivered the message, which then comes again).
+    acked: u64,
+    ack_refused: u64,
+}
+
+impl Progress {
+    fn new(heartbeat: Duration) -> Progress {
+        Progress {
+            received: 0,
+            last_message: Instant::now(),
+            printed: PrintedIds::new(MAX_PRINTED_RANGES),
+            heartbeat,
+            unconfirmed: Vec::new(),
+            skipped: 0,
+            acked: 0,
+            ack_refused: 0,
+        }
+    }
 }
 
 /// A run of redelivered messages skipped, reported as one stderr line.
@@ -81,7 +203,7 @@ impl Skipped {
     fn report(&mut self) {
         if self.count > 0 {
             eprintln!(
-                "consumer: skipped {} message(s) redelivered after the reconnect (ids {}..{}), already printed",
+                "consumer: skipped {} message(s) redelivered, already printed (ids {}..{})",
                 self.count, self.first, self.last
             );
             *self = Skipped::default();
@@ -91,20 +213,19 @@ impl Skipped {
 
 /// Runs the consumer; returns the exit status.
 pub fn run(options: &ConsumerOptions) -> i32 {
+    assert!(
+        !options.ack || options.id.is_some(),
+        "ack mode needs a consumer id"
+    );
     let started = Instant::now();
     let mut id = options.id.clone();
     let mut backoff = Backoff::new(options.retries);
-    let mut progress = Progress {
-        received: 0,
-        last_message: Instant::now(),
-        last_id: None,
-        heartbeat: options.heartbeat.max(client::MIN_HEARTBEAT),
-    };
+    let mut progress = Progress::new(options.heartbeat.max(client::MIN_HEARTBEAT));
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     loop {
         let wanted = id.clone();
-        let reconnecting = progress.last_id.is_some();
+        let reconnecting = !progress.printed.is_empty();
         // With --timeout, stop retrying once the wait for a message is over.
         let give_up_at = options
             .timeout
@@ -115,7 +236,7 @@ pub fn run(options: &ConsumerOptions) -> i32 {
             &mut backoff,
             give_up_at,
             |conn| {
-                let assigned = conn.register_consumer(wanted.as_deref())?;
+                let assigned = conn.register_consumer(wanted.as_deref(), options.ack)?;
                 let next_id = if reconnecting {
                     next_message_id(conn)?
                 } else {
@@ -127,19 +248,31 @@ pub fn run(options: &ConsumerOptions) -> i32 {
         let (mut conn, (assigned, next_id)) = match connected {
             Ok(done) => done,
             Err(err) => {
+                let _ = out.flush();
                 eprintln!("consumer: giving up: {err}");
+                if options.ack
+                    && matches!(err, ClientError::Refused(ErrorCode::InvalidRegistration))
+                {
+                    eprintln!(
+                        "consumer: an id keeps the mode it was created in: was '{}' created without --ack?",
+                        options.id.as_deref().unwrap_or_default()
+                    );
+                }
                 return 1;
             }
         };
-        eprintln!("consumer: registered as consumer {assigned}");
-        if let (Some(last), Some(next)) = (progress.last_id, next_id)
+        eprintln!(
+            "consumer: registered as consumer {assigned}{}",
+            if options.ack { " (ack mode)" } else { "" }
+        );
+        if let (Some(last), Some(next)) = (progress.printed.max(), next_id)
             && next <= last
         {
             eprintln!(
                 "consumer: the broker's next message id is {next}, not past the last one printed ({last}): \
-                 it was reset or lost messages, so ids are no longer checked for redelivery"
+                 it was reset or lost messages, so the ids printed before are forgotten"
             );
-            progress.last_id = None;
+            progress.printed.clear();
         }
         id = Some(assigned);
         match serve(&mut conn, options, &mut out, &mut progress) {
@@ -148,10 +281,19 @@ pub fn run(options: &ConsumerOptions) -> i32 {
                 conn.quit();
                 let elapsed = started.elapsed().as_secs_f64();
                 if options.verbose {
-                    eprintln!(
-                        "consumer: received {} message(s) in {elapsed:.3} s",
-                        progress.received
+                    eprint!(
+                        "consumer: received {} message(s) in {elapsed:.3} s, skipped {} redelivered",
+                        progress.received, progress.skipped
                     );
+                    if options.ack {
+                        eprint!(
+                            ", acked {}, acks refused {}, unconfirmed {}",
+                            progress.acked,
+                            progress.ack_refused,
+                            progress.unconfirmed.len()
+                        );
+                    }
+                    eprintln!();
                 }
                 return 0;
             }
@@ -180,132 +322,207 @@ fn next_message_id(conn: &mut Connection) -> Result<Option<u64>, ClientError> {
         .and_then(protocol::parse_u64))
 }
 
-/// One connection's life. `Err` only for stdout failures.
-fn serve(
-    conn: &mut Connection,
-    options: &ConsumerOptions,
-    out: &mut impl Write,
-    progress: &mut Progress,
-) -> io::Result<Next> {
-    let window = options.window.max(1) as u64;
-    // Replies due: to GETs, and to heartbeats.
-    let mut outstanding = 0u64;
-    let mut heartbeats = 0u64;
-    let mut want_gets = true;
-    let mut notified = false;
-    let mut last_sent = Instant::now();
-    // The last line received, or when a request went out with no reply
-    // due: the clock for REPLY_TIMEOUT.
-    let mut reply_clock = Instant::now();
-    let mut skipped = Skipped::default();
-    loop {
-        if options
-            .count
-            .is_some_and(|count| progress.received >= count)
-        {
-            skipped.report();
-            out.flush()?;
-            return Ok(Next::Done);
+/// A request whose reply is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Get,
+    Ack(u64),
+    Heartbeat,
+}
+
+/// What the connection should do after a line from the broker.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Continue,
+    /// The connection is no use any more; the reason, for stderr.
+    Reconnect(String),
+}
+
+/// One connection's conversation, apart from the socket: which replies
+/// are due, what to ask next, what to print and what to acknowledge.
+struct Session {
+    ack: bool,
+    verbose: bool,
+    window: u64,
+    count: Option<u64>,
+    /// Requests sent whose replies are due, oldest first.
+    due: VecDeque<Request>,
+    gets_due: u64,
+    acks_due: u64,
+    /// Send a window of `GET`s once the last one is answered.
+    want_gets: bool,
+    /// A NOTIFY came since the last window of `GET`s went out.
+    notified: bool,
+    /// Ack mode: a `GET` found nothing while acks of ours were unconfirmed.
+    /// The broker may have refused because too many messages were in
+    /// flight (`--max-ack-pending`). It should say NOTIFY once the acks
+    /// make room, but if it does not, the consumer would stall until the
+    /// next message arrives; one `GET` once the acks are confirmed costs
+    /// one round trip per catch-up and rules that out.
+    probe: bool,
+    /// Ack mode: ids printed (or skipped) whose `ACK` waits for stdout to
+    /// be flushed.
+    to_ack: Vec<u64>,
+    /// Done: no more `GET`s; wait for the acks due, then quit.
+    finishing: bool,
+    skipped: Skipped,
+}
+
+impl Session {
+    fn new(options: &ConsumerOptions, progress: &mut Progress) -> Session {
+        let mut session = Session {
+            ack: options.ack,
+            verbose: options.verbose,
+            window: options.window.max(1) as u64,
+            count: options.count,
+            due: VecDeque::new(),
+            gets_due: 0,
+            acks_due: 0,
+            want_gets: true,
+            notified: false,
+            probe: false,
+            to_ack: std::mem::take(&mut progress.unconfirmed),
+            finishing: false,
+            skipped: Skipped::default(),
+        };
+        session.finishing = session.count_reached(progress);
+        session
+    }
+
+    fn count_reached(&self, progress: &Progress) -> bool {
+        self.count.is_some_and(|count| progress.received >= count)
+    }
+
+    fn push(&mut self, request: Request) {
+        match request {
+            Request::Get => self.gets_due += 1,
+            Request::Ack(_) => self.acks_due += 1,
+            Request::Heartbeat => {}
         }
-        if want_gets && outstanding == 0 {
-            let remaining = options
+        self.due.push_back(request);
+    }
+
+    /// Takes the oldest request due, which must be of the kind `is` accepts.
+    fn answer(&mut self, is: impl Fn(Request) -> bool, line: &[u8]) -> Result<Request, Step> {
+        match self.due.front() {
+            Some(&request) if is(request) => {
+                self.due.pop_front();
+                match request {
+                    Request::Get => self.gets_due -= 1,
+                    Request::Ack(_) => self.acks_due -= 1,
+                    Request::Heartbeat => {}
+                }
+                Ok(request)
+            }
+            front => Err(Step::Reconnect(format!(
+                "out of step: {} in reply to {front:?}",
+                String::from_utf8_lossy(line)
+            ))),
+        }
+    }
+
+    fn replies_due(&self) -> bool {
+        !self.due.is_empty()
+    }
+
+    /// Finished: nothing more to ask, and every ack confirmed.
+    fn is_done(&self) -> bool {
+        self.finishing && self.acks_due == 0 && self.to_ack.is_empty()
+    }
+
+    /// Stops asking for messages (`--timeout` passed).
+    fn finish(&mut self) {
+        self.finishing = true;
+    }
+
+    /// Queues in `wire` what should go to the broker now: the acks of what
+    /// was printed, if stdout was `flushed` since, then a window of `GET`s
+    /// or a probe.
+    fn queue_requests(&mut self, progress: &Progress, flushed: bool, wire: &mut Vec<u8>) {
+        if flushed {
+            for id in std::mem::take(&mut self.to_ack) {
+                wire.extend_from_slice(b"ACK:");
+                protocol::push_u64(wire, id);
+                wire.push(b'\n');
+                self.push(Request::Ack(id));
+            }
+        }
+        if self.finishing || self.gets_due > 0 {
+            return;
+        }
+        let gets = if self.want_gets {
+            let remaining = self
                 .count
                 .map_or(u64::MAX, |count| count - progress.received);
-            let n = window.min(remaining);
-            for _ in 0..n {
-                conn.out.extend_from_slice(b"GET\n");
-            }
-            if heartbeats == 0 {
-                reply_clock = Instant::now();
-            }
-            outstanding = n;
-            notified = false;
-            want_gets = false;
-        }
-        if !conn.out.is_empty() {
-            last_sent = Instant::now();
-            if let Err(err) = conn.flush() {
-                skipped.report();
-                eprintln!("consumer: lost the connection ({err}); reconnecting");
-                return Ok(Next::Reconnect);
-            }
-        }
-        let mut deadline = last_sent + progress.heartbeat;
-        if let Some(timeout) = options.timeout {
-            deadline = deadline.min(progress.last_message + timeout);
-        }
-        let replies_due = outstanding + heartbeats > 0;
-        if replies_due {
-            deadline = deadline.min(reply_clock + REPLY_TIMEOUT);
-        }
-        out.flush()?;
-        let line = match conn.read_line(deadline) {
-            Ok(Some(line)) => line,
-            Ok(None) => {
-                if options
-                    .timeout
-                    .is_some_and(|timeout| progress.last_message.elapsed() >= timeout)
-                {
-                    skipped.report();
-                    return Ok(Next::Done);
-                }
-                if replies_due && reply_clock.elapsed() >= REPLY_TIMEOUT {
-                    skipped.report();
-                    eprintln!("consumer: lost the connection (no reply in time); reconnecting");
-                    return Ok(Next::Reconnect);
-                }
-                if last_sent.elapsed() >= progress.heartbeat {
-                    if !replies_due {
-                        reply_clock = Instant::now();
-                    }
-                    conn.queue_heartbeat();
-                    heartbeats += 1;
-                }
-                continue;
-            }
-            Err(err) => {
-                skipped.report();
-                eprintln!("consumer: lost the connection ({err}); reconnecting");
-                return Ok(Next::Reconnect);
-            }
+            self.window.min(remaining)
+        } else if self.probe && self.acks_due == 0 && self.to_ack.is_empty() {
+            1
+        } else {
+            0
         };
-        reply_clock = Instant::now();
-        match protocol::parse_reply(&line) {
-            Reply::Msg { id, content } => {
-                outstanding = outstanding.saturating_sub(1);
-                if progress.last_id.is_some_and(|last| id <= last) {
-                    skipped.add(id);
-                } else {
-                    skipped.report();
-                    if options.verbose {
-                        write!(out, "{id}\t")?;
-                    }
-                    out.write_all(content)?;
-                    out.write_all(b"\n")?;
-                    progress.received += 1;
-                    progress.last_message = Instant::now();
-                    progress.last_id = Some(id);
-                }
-                if outstanding == 0 {
-                    want_gets = true;
-                }
+        if gets > 0 {
+            for _ in 0..gets {
+                wire.extend_from_slice(b"GET\n");
+                self.push(Request::Get);
             }
-            Reply::Error(Some(ErrorCode::NoMessages), _) => {
-                outstanding = outstanding.saturating_sub(1);
-                if outstanding == 0 {
-                    // Caught up: wait for a NOTIFY, unless one came while
-                    // these GETs were on their way.
-                    want_gets = notified;
-                }
-            }
+            self.want_gets = false;
+            self.notified = false;
+            self.probe = false;
+        }
+    }
+
+    /// A heartbeat went out.
+    fn heartbeat_sent(&mut self) {
+        self.push(Request::Heartbeat);
+    }
+
+    /// Handles one line from the broker: prints messages to `out`
+    /// (unflushed), notes what to acknowledge and what to ask next.
+    /// `Err` only for stdout failures.
+    fn on_line(
+        &mut self,
+        line: &[u8],
+        progress: &mut Progress,
+        out: &mut impl Write,
+    ) -> io::Result<Step> {
+        let step = match protocol::parse_reply(line) {
             Reply::Notify(_) => {
-                notified = true;
-                if outstanding == 0 {
-                    want_gets = true;
+                self.notified = true;
+                if self.gets_due == 0 {
+                    self.want_gets = true;
                 }
+                Ok(())
             }
+            Reply::Msg { id, content } => match self.answer(|r| r == Request::Get, line) {
+                Ok(_) => {
+                    self.on_message(id, content, progress, out)?;
+                    if self.gets_due == 0 {
+                        self.want_gets = true;
+                    }
+                    Ok(())
+                }
+                Err(step) => Err(step),
+            },
+            Reply::Error(Some(ErrorCode::NoMessages), _) => {
+                self.answer(|r| r == Request::Get, line).map(|_| {
+                    if self.acks_due > 0 || !self.to_ack.is_empty() {
+                        self.probe = true;
+                    }
+                    if self.gets_due == 0 {
+                        // Caught up: wait for a NOTIFY, unless one came
+                        // while these GETs were on their way.
+                        self.want_gets = self.notified;
+                    }
+                })
+            }
+            Reply::Ok(rest) if rest.starts_with(b"ACK:") => self
+                .answer(|r| matches!(r, Request::Ack(_)), line)
+                .map(|_| progress.acked += 1),
+            Reply::Error(Some(ErrorCode::UnknownMessageId), _) => self
+                .answer(|r| matches!(r, Request::Ack(_)), line)
+                .map(|_| progress.ack_refused += 1),
+            Reply::Ok(b"HEARTBEAT") => self.answer(|r| r == Request::Heartbeat, line).map(|_| ()),
             Reply::Error(Some(code @ (ErrorCode::ShuttingDown | ErrorCode::IdleTimeout)), text) => {
-                skipped.report();
                 if code == ErrorCode::IdleTimeout {
                     progress.heartbeat = client::shorter_heartbeat(progress.heartbeat);
                     eprintln!(
@@ -313,17 +530,430 @@ fn serve(
                         progress.heartbeat.as_millis()
                     );
                 }
-                eprintln!(
-                    "consumer: broker said ERROR:{}; reconnecting",
+                Err(Step::Reconnect(format!(
+                    "broker said ERROR:{}",
                     String::from_utf8_lossy(text)
-                );
-                return Ok(Next::Reconnect);
+                )))
             }
-            Reply::Ok(b"HEARTBEAT") => heartbeats = heartbeats.saturating_sub(1),
-            _ => eprintln!(
-                "consumer: unexpected line from the broker: {}",
-                String::from_utf8_lossy(&line)
-            ),
+            _ => {
+                // Some other error to some request: answered, nothing to do.
+                let request = self.answer(|_| true, line);
+                eprintln!(
+                    "consumer: unexpected line from the broker{}: {}",
+                    match request {
+                        Ok(request) => format!(" in reply to {request:?}"),
+                        Err(_) => String::new(),
+                    },
+                    String::from_utf8_lossy(line)
+                );
+                Ok(())
+            }
+        };
+        Ok(step.err().unwrap_or(Step::Continue))
+    }
+
+    /// A `MSG:` reply: print it, or skip it if it was printed already.
+    fn on_message(
+        &mut self,
+        id: u64,
+        content: &[u8],
+        progress: &mut Progress,
+        out: &mut impl Write,
+    ) -> io::Result<()> {
+        if self.count_reached(progress) {
+            // Not wanted any more (cannot happen with the GETs limited to
+            // what is still wanted). Not acknowledged, so in ack mode the
+            // broker delivers it again to the id.
+            return Ok(());
         }
+        if progress.printed.contains(id) {
+            self.skipped.add(id);
+            progress.skipped += 1;
+        } else {
+            self.skipped.report();
+            if self.verbose {
+                write!(out, "{id}\t")?;
+            }
+            out.write_all(content)?;
+            out.write_all(b"\n")?;
+            progress.received += 1;
+            progress.last_message = Instant::now();
+            progress.printed.insert(id);
+            if self.count_reached(progress) {
+                self.finishing = true;
+            }
+        }
+        if self.ack {
+            self.to_ack.push(id);
+        }
+        Ok(())
+    }
+
+    /// The connection ends: what was printed and not confirmed, to be
+    /// acknowledged on the next one.
+    fn into_unconfirmed(mut self) -> Vec<u64> {
+        self.skipped.report();
+        let mut ids: Vec<u64> = self
+            .due
+            .iter()
+            .filter_map(|request| match request {
+                Request::Ack(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        ids.append(&mut self.to_ack);
+        ids
+    }
+}
+
+/// One connection's life. `Err` only for stdout failures.
+fn serve(
+    conn: &mut Connection,
+    options: &ConsumerOptions,
+    out: &mut impl Write,
+    progress: &mut Progress,
+) -> io::Result<Next> {
+    let mut session = Session::new(options, progress);
+    let result = converse(conn, options, out, progress, &mut session);
+    progress.unconfirmed = session.into_unconfirmed();
+    result
+}
+
+fn converse(
+    conn: &mut Connection,
+    options: &ConsumerOptions,
+    out: &mut impl Write,
+    progress: &mut Progress,
+    session: &mut Session,
+) -> io::Result<Next> {
+    let mut last_sent = Instant::now();
+    // The last line received, or when a request went out with no reply
+    // due: the clock for REPLY_TIMEOUT.
+    let mut reply_clock = Instant::now();
+    let mut finish_by: Option<Instant> = None;
+    // Once finishing, a lost connection ends the run instead of a retry.
+    let lost = |session: &Session, why: &str| {
+        if session.finishing {
+            Next::Done
+        } else {
+            eprintln!("consumer: lost the connection ({why}); reconnecting");
+            Next::Reconnect
+        }
+    };
+    loop {
+        if session.finishing {
+            let by = *finish_by.get_or_insert_with(|| Instant::now() + FINISH_WAIT);
+            if session.is_done() || Instant::now() >= by {
+                out.flush()?;
+                return Ok(Next::Done);
+            }
+        }
+        // Flush stdout only when no line is waiting: one write and one
+        // batch of acks per read from the socket, not one per message.
+        let flushed = !conn.has_line();
+        if flushed {
+            out.flush()?;
+        }
+        let was_idle = !session.replies_due();
+        session.queue_requests(progress, flushed, &mut conn.out);
+        if !conn.out.is_empty() {
+            let now = Instant::now();
+            if was_idle {
+                reply_clock = now;
+            }
+            last_sent = now;
+            if let Err(err) = conn.flush() {
+                return Ok(lost(session, &err.to_string()));
+            }
+        }
+        let mut deadline = last_sent + progress.heartbeat;
+        if let Some(by) = finish_by {
+            deadline = deadline.min(by);
+        } else if let Some(timeout) = options.timeout {
+            deadline = deadline.min(progress.last_message + timeout);
+        }
+        if session.replies_due() {
+            deadline = deadline.min(reply_clock + REPLY_TIMEOUT);
+        }
+        let line = match conn.read_line(deadline) {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                if !session.finishing
+                    && options
+                        .timeout
+                        .is_some_and(|timeout| progress.last_message.elapsed() >= timeout)
+                {
+                    if !options.ack {
+                        out.flush()?;
+                        return Ok(Next::Done);
+                    }
+                    session.finish();
+                    continue;
+                }
+                if session.replies_due() && reply_clock.elapsed() >= REPLY_TIMEOUT {
+                    return Ok(lost(session, "no reply in time"));
+                }
+                if last_sent.elapsed() >= progress.heartbeat {
+                    if !session.replies_due() {
+                        reply_clock = Instant::now();
+                    }
+                    conn.queue_heartbeat();
+                    session.heartbeat_sent();
+                }
+                continue;
+            }
+            Err(err) => return Ok(lost(session, &err.to_string())),
+        };
+        reply_clock = Instant::now();
+        match session.on_line(&line, progress, out)? {
+            Step::Continue => {}
+            Step::Reconnect(why) => return Ok(lost(session, &why)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(ack: bool, count: Option<u64>, window: usize) -> ConsumerOptions {
+        ConsumerOptions {
+            endpoint: Endpoint {
+                host: "localhost".into(),
+                port: 1,
+            },
+            id: Some("t".into()),
+            count,
+            timeout: None,
+            verbose: true,
+            window,
+            retries: None,
+            heartbeat: client::DEFAULT_HEARTBEAT,
+            ack,
+        }
+    }
+
+    /// A session and what it printed and sent.
+    struct Harness {
+        session: Session,
+        progress: Progress,
+        stdout: Vec<u8>,
+        wire: Vec<u8>,
+    }
+
+    impl Harness {
+        fn new(options: &ConsumerOptions) -> Harness {
+            let mut progress = Progress::new(client::DEFAULT_HEARTBEAT);
+            let session = Session::new(options, &mut progress);
+            Harness {
+                session,
+                progress,
+                stdout: Vec::new(),
+                wire: Vec::new(),
+            }
+        }
+
+        /// What goes to the broker now, stdout flushed or not.
+        fn sends(&mut self, flushed: bool) -> String {
+            self.wire.clear();
+            self.session
+                .queue_requests(&self.progress, flushed, &mut self.wire);
+            String::from_utf8(self.wire.clone()).unwrap()
+        }
+
+        fn reply(&mut self, line: &str) -> Step {
+            self.session
+                .on_line(line.as_bytes(), &mut self.progress, &mut self.stdout)
+                .unwrap()
+        }
+
+        fn printed(&self) -> String {
+            String::from_utf8(self.stdout.clone()).unwrap()
+        }
+    }
+
+    #[test]
+    fn printed_ids_merge_into_ranges() {
+        let mut ids = PrintedIds::new(100);
+        assert!(!ids.contains(1) && ids.max().is_none());
+        for id in [1, 2, 3, 7, 5] {
+            assert!(ids.insert(id));
+        }
+        assert_eq!(ids.ranges(), 3, "1..=3, 5, 7");
+        assert!(!ids.insert(2));
+        assert!(ids.insert(6));
+        assert_eq!(ids.ranges(), 2, "1..=3, 5..=7");
+        assert!(ids.insert(4));
+        assert_eq!(ids.ranges(), 1);
+        assert!((1..=7).all(|id| ids.contains(id)));
+        assert!(!ids.contains(0) && !ids.contains(8));
+        assert_eq!(ids.max(), Some(7));
+        assert!(ids.insert(u64::MAX) && ids.contains(u64::MAX) && !ids.contains(u64::MAX - 1));
+        ids.clear();
+        assert!(ids.is_empty());
+    }
+
+    #[test]
+    fn printed_ids_forget_the_lowest_range_past_the_bound() {
+        let mut ids = PrintedIds::new(3);
+        for id in [10, 20, 30, 40] {
+            ids.insert(id);
+        }
+        assert_eq!(ids.ranges(), 3);
+        assert!(!ids.contains(10), "forgotten: printed again, never skipped");
+        assert!(ids.contains(20) && ids.contains(40));
+        // Every id of a long run costs nothing.
+        let mut ids = PrintedIds::new(3);
+        for id in 1..=10_000 {
+            ids.insert(id);
+        }
+        assert_eq!(ids.ranges(), 1);
+    }
+
+    #[test]
+    fn plain_mode_pipelines_a_window_and_never_acks() {
+        let mut h = Harness::new(&options(false, None, 3));
+        assert_eq!(h.sends(true), "GET\nGET\nGET\n");
+        assert_eq!(
+            h.sends(true),
+            "",
+            "nothing more until the window is answered"
+        );
+        assert_eq!(h.reply("MSG:1:a"), Step::Continue);
+        assert_eq!(h.reply("MSG:2:b"), Step::Continue);
+        assert_eq!(h.reply("ERROR:No messages available"), Step::Continue);
+        assert_eq!(h.printed(), "1\ta\n2\tb\n");
+        assert_eq!(h.sends(true), "", "caught up: wait for a NOTIFY");
+        assert_eq!(h.reply("NOTIFY:MESSAGES_AVAILABLE:1"), Step::Continue);
+        assert_eq!(h.sends(true), "GET\nGET\nGET\n");
+    }
+
+    #[test]
+    fn a_notify_during_a_window_means_fetch_again() {
+        let mut h = Harness::new(&options(false, None, 2));
+        h.sends(true);
+        h.reply("ERROR:No messages available");
+        h.reply("NOTIFY:MESSAGES_AVAILABLE:1");
+        h.reply("ERROR:No messages available");
+        assert_eq!(h.sends(true), "GET\nGET\n");
+    }
+
+    #[test]
+    fn acks_go_out_only_after_stdout_is_flushed() {
+        let mut h = Harness::new(&options(true, None, 2));
+        assert_eq!(h.sends(true), "GET\nGET\n");
+        h.reply("MSG:1:a");
+        h.reply("MSG:2:b");
+        // More lines waiting: stdout not flushed yet, so no acks, but the
+        // next window goes out.
+        assert_eq!(h.sends(false), "GET\nGET\n");
+        assert_eq!(h.sends(true), "ACK:1\nACK:2\n");
+        assert_eq!(h.sends(true), "");
+        // Replies to GETs and ACKs interleave, matched in request order.
+        assert_eq!(h.reply("MSG:3:c"), Step::Continue);
+        assert_eq!(h.reply("ERROR:No messages available"), Step::Continue);
+        assert_eq!(h.reply("OK:ACK:1"), Step::Continue);
+        assert_eq!(h.reply("OK:ACK:2"), Step::Continue);
+        assert_eq!(h.progress.acked, 2);
+        assert_eq!(h.sends(true), "ACK:3\n");
+        assert_eq!(h.reply("OK:ACK:3"), Step::Continue);
+        assert_eq!(h.printed(), "1\ta\n2\tb\n3\tc\n");
+    }
+
+    #[test]
+    fn redeliveries_are_skipped_but_acknowledged() {
+        let mut h = Harness::new(&options(true, None, 3));
+        h.sends(true);
+        h.reply("MSG:5:e");
+        h.reply("MSG:7:g");
+        h.reply("MSG:5:e");
+        assert_eq!(h.sends(true), "ACK:5\nACK:7\nACK:5\nGET\nGET\nGET\n");
+        h.reply("OK:ACK:5");
+        h.reply("OK:ACK:7");
+        h.reply("ERROR:Unknown message id");
+        assert_eq!((h.progress.acked, h.progress.ack_refused), (2, 1));
+        // A lower id never printed is not a redelivery: printed.
+        for line in ["MSG:6:f", "MSG:7:g", "ERROR:No messages available"] {
+            assert_eq!(h.reply(line), Step::Continue, "{line}");
+        }
+        assert_eq!(h.printed(), "5\te\n7\tg\n6\tf\n");
+        assert_eq!((h.progress.received, h.progress.skipped), (3, 2));
+        assert_eq!(h.sends(true), "ACK:6\nACK:7\n");
+    }
+
+    #[test]
+    fn nothing_waiting_while_acks_are_unconfirmed_probes_once_after_them() {
+        let mut h = Harness::new(&options(true, None, 2));
+        h.sends(true);
+        h.reply("MSG:1:a");
+        h.reply("ERROR:No messages available");
+        assert_eq!(
+            h.sends(true),
+            "ACK:1\n",
+            "no GET before the ack is confirmed"
+        );
+        h.reply("OK:ACK:1");
+        assert_eq!(h.sends(true), "GET\n", "maybe the broker was at its bound");
+        h.reply("ERROR:No messages available");
+        assert_eq!(
+            h.sends(true),
+            "",
+            "no acks due this time: wait for a NOTIFY"
+        );
+    }
+
+    #[test]
+    fn count_limits_the_gets_and_waits_for_the_last_acks() {
+        let mut h = Harness::new(&options(true, Some(3), 8));
+        assert_eq!(h.sends(true), "GET\nGET\nGET\n");
+        h.reply("MSG:1:a");
+        h.reply("MSG:1:a");
+        h.reply("MSG:2:b");
+        assert!(!h.session.finishing, "a skipped message does not count");
+        assert_eq!(h.sends(false), "GET\n");
+        h.reply("MSG:3:c");
+        assert!(h.session.finishing && !h.session.is_done());
+        assert_eq!(h.sends(true), "ACK:1\nACK:1\nACK:2\nACK:3\n");
+        for _ in 0..3 {
+            h.reply("OK:ACK:1");
+            assert!(!h.session.is_done());
+        }
+        h.reply("OK:ACK:3");
+        assert!(h.session.is_done());
+        assert_eq!(h.printed(), "1\ta\n2\tb\n3\tc\n");
+    }
+
+    #[test]
+    fn a_reply_out_of_step_drops_the_connection_and_keeps_the_acks() {
+        let mut h = Harness::new(&options(true, None, 1));
+        h.sends(true);
+        h.reply("MSG:1:a");
+        assert_eq!(h.sends(true), "ACK:1\nGET\n");
+        assert!(matches!(h.reply("MSG:2:b"), Step::Reconnect(_)));
+        let Harness {
+            session,
+            mut progress,
+            ..
+        } = h;
+        progress.unconfirmed = session.into_unconfirmed();
+        assert_eq!(progress.unconfirmed, vec![1]);
+        // The next connection acknowledges it again first.
+        let mut session = Session::new(&options(true, None, 1), &mut progress);
+        let mut wire = Vec::new();
+        session.queue_requests(&progress, true, &mut wire);
+        assert_eq!(wire, b"ACK:1\nGET\n");
+    }
+
+    #[test]
+    fn heartbeat_replies_are_matched_in_order() {
+        let mut h = Harness::new(&options(false, None, 1));
+        h.sends(true);
+        h.session.heartbeat_sent();
+        assert_eq!(h.reply("ERROR:No messages available"), Step::Continue);
+        assert!(h.session.replies_due());
+        assert_eq!(h.reply("OK:HEARTBEAT"), Step::Continue);
+        assert!(!h.session.replies_due());
+        assert!(matches!(h.reply("ERROR:Idle timeout"), Step::Reconnect(_)));
+        assert!(h.progress.heartbeat < client::DEFAULT_HEARTBEAT);
     }
 }

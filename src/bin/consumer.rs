@@ -13,14 +13,19 @@ use mensajeria::consumer::{self, ConsumerOptions, DEFAULT_WINDOW};
 use mensajeria::protocol::valid_consumer_id;
 
 const USAGE: &str = "\
-usage: consumer [--id ID] [OPTIONS]
+usage: consumer [--id ID [--ack]] [OPTIONS]
 
 Registers with the broker (resuming consumer ID's position with --id),
 then prints each message's content on stdout, one per line.
 
 options:
       --id ID             consumer id to resume (1-64 of A-Z a-z 0-9 . _ -)
-  -c, --count N           exit after N messages
+      --ack               acknowledge each message once printed and flushed;
+                          what is not acknowledged (the consumer was killed)
+                          is delivered again to ID: at least once, so
+                          'consumer --id ID --ack | program' loses nothing.
+                          Needs --id; an id keeps the mode it was created in
+  -c, --count N           exit after N distinct messages printed
   -t, --timeout S         exit after S seconds without a message
   -v, --verbose           print '<id><TAB><content>' and a final count
   -w, --window N          GETs in flight at most                   [64]
@@ -49,6 +54,7 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
         window: DEFAULT_WINDOW,
         retries: None,
         heartbeat: DEFAULT_HEARTBEAT,
+        ack: false,
     };
     while let Some(arg) = parser.next()? {
         match arg {
@@ -72,6 +78,7 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
                     31_536_000,
                 )?))
             }
+            Long("ack") => options.ack = true,
             Short('v') | Long("verbose") => options.verbose = true,
             Short('w') | Long("window") => {
                 options.window = number(&mut parser, "--window", 1, 4096)?
@@ -95,6 +102,11 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
             }
             _ => return Err(arg.unexpected().into()),
         }
+    }
+    if options.ack && options.id.is_none() {
+        return Err(UsageError(
+            "--ack needs --id: acknowledged progress is kept under a consumer id".into(),
+        ));
     }
     options.endpoint = Endpoint::resolve(host, port, Some(("SERVER_IP", "SERVER_PORT")))?;
     Ok(Some(options))

@@ -11,3 +11,4 @@ mod broker_limits;
 mod broker_persistence;
 mod broker_protocol;
 mod clients;
+mod torture;
