@@ -141,20 +141,65 @@ bench_e() {
     rate "$total" "$start"
 }
 
+# How cost grows: message size, fan-out to K consumer ids, backlog held.
+bench_scaling() {
+    echo "== message size (E: 1 producer, 1 consumer, fsync interval, 100000 messages)"
+    local size k b t0 t1 rss pids
+    for size in 16 100 256 512 1024; do
+        bench_start_broker
+        timeout 120 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id s --count 100000 --window 256 >/dev/null 2>&1 &
+        local c=$!
+        t0=$(now_ns)
+        timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n 100000 -i 0 --window 256 --size "$size" >/dev/null 2>&1
+        wait "$c"; t1=$(now_ns)
+        awk -v s="$size" -v a="$t0" -v b="$t1" 'BEGIN { r = 100000 / ((b-a)/1e9); printf "size %5d B: %9.0f msgs/s %7.1f MB/s\n", s, r, r*s/1e6 }'
+        bench_stop_broker
+    done
+    echo "== fan-out (1 producer of 20000 messages, K consumer ids each receiving all, fsync interval)"
+    for k in 1 2 5 10 20 50; do
+        bench_start_broker
+        pids=()
+        for i in $(seq "$k"); do
+            timeout 120 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id "f$i" --count 20000 --window 256 >/dev/null 2>&1 &
+            pids+=($!)
+        done
+        t0=$(now_ns)
+        timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n 20000 -i 0 --window 256 --size 100 >/dev/null 2>&1
+        for p in "${pids[@]}"; do wait "$p"; done
+        t1=$(now_ns)
+        awk -v k="$k" -v a="$t0" -v b="$t1" 'BEGIN { s = (b-a)/1e9; printf "K %2d ids: %8.0f msgs/s produced, %9.0f deliveries/s\n", k, 20000/s, k*20000/s }'
+        bench_stop_broker
+    done
+    echo "== backlog held (capacity 32767; fill B with no consumer, then one consumer drains it)"
+    for b in 1000 10000 30000; do
+        bench_start_broker --capacity 32767
+        timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$b" -i 0 --window 256 --size 100 >/dev/null 2>&1
+        rss=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$bpid/status")
+        t0=$(now_ns)
+        timeout 120 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id d --count "$b" --window 256 >/dev/null 2>&1
+        t1=$(now_ns)
+        awk -v n="$b" -v r="$rss" -v a="$t0" -v bb="$t1" 'BEGIN { printf "backlog %5d: broker RSS %6d KiB held, drained at %8.0f msgs/s\n", n, r, n/((bb-a)/1e9) }'
+        bench_stop_broker
+    done
+}
+
 bench() {
     build >/dev/null
     bsize=100 bcount=200000
+    local scaling=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --size) bsize="$2"; shift 2 ;;
             --count) bcount="$2"; shift 2 ;;
-            *) echo "usage: ./build.sh bench [--size BYTES] [--count N]" >&2; exit 2 ;;
+            --scaling) scaling=1; shift ;;
+            *) echo "usage: ./build.sh bench [--size BYTES] [--count N] [--scaling]" >&2; exit 2 ;;
         esac
     done
     bdir="$(mktemp -d "${TMPDIR:-/tmp}/mq-bench.XXXXXX")"
     bkey=$(( 0x4d520000 + ($$ % 4096) * 2 ))
     bpid=""
     trap 'bench_stop_broker; rm -rf "$bdir"' EXIT
+    if [ -n "$scaling" ]; then bench_scaling; return; fi
     # P and L need the whole run to fit in the queue (nothing consumes).
     local fill=$(( bcount < 30000 ? bcount : 30000 )) lat=20000 peak=0
     printf 'messages of %s bytes; E/E4: %s messages, window 256; P: %s messages into an empty queue of 32767; L: %s round trips, window 1\n' \
