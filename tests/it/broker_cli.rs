@@ -77,3 +77,20 @@ fn port_0_prints_the_bound_address_once_ready() {
     client.expect("HEARTBEAT:1", "OK:HEARTBEAT");
     assert!(broker.terminate().success());
 }
+
+#[test]
+fn sigint_stops_the_broker_cleanly_too() {
+    let dir = TestDir::new("cli-sigint");
+    let mut broker = Broker::start(&dir, &[]);
+    let mut client = broker.producer();
+    client.expect("SEND:kept", "OK:MSG_ID:1");
+    let mut child = broker.child.take().unwrap();
+    mensajeria::sys::os::request_stop(child.id(), true).unwrap();
+    let status = wait_child(&mut child, WAIT).expect("exit after SIGINT");
+    assert!(status.success(), "{status}");
+    assert_eq!(client.rest(), "ERROR:Shutting down\n");
+    assert!(!ipc_exists(broker.shm_key, broker.sem_key));
+    assert!(broker.log_text().contains("received SIGINT"));
+    broker.restart();
+    broker.consumer("c").expect("GET", "MSG:1:kept");
+}
