@@ -83,6 +83,48 @@ impl Endpoint {
     }
 }
 
+/// The options both clients take: where the broker is, how long to keep
+/// retrying, how often to heartbeat.
+#[derive(Debug, Clone)]
+pub struct CommonArgs {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub retries: Option<u32>,
+    pub heartbeat: Duration,
+}
+
+impl Default for CommonArgs {
+    fn default() -> CommonArgs {
+        CommonArgs {
+            host: None,
+            port: None,
+            retries: None,
+            heartbeat: DEFAULT_HEARTBEAT,
+        }
+    }
+}
+
+impl CommonArgs {
+    /// The long options (without `--`) that [`take`](Self::take) knows.
+    pub const OPTIONS: [&'static str; 4] = ["host", "port", "retries", "heartbeat"];
+
+    /// Reads the value of the shared option `--<name>` (one of
+    /// [`OPTIONS`](Self::OPTIONS)).
+    pub fn take(&mut self, name: &str, parser: &mut lexopt::Parser) -> Result<(), UsageError> {
+        use crate::config::{number, string};
+        match name {
+            "host" => self.host = Some(string(parser, "--host")?),
+            "port" => self.port = Some(number(parser, "--port", 1, 65535)?),
+            "retries" => self.retries = Some(number(parser, "--retries", 0, u64::from(u32::MAX))?),
+            _ => {
+                let seconds = number(parser, "--heartbeat", 1, MAX_HEARTBEAT_S)?;
+                self.heartbeat = Duration::from_secs(seconds);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Exponential backoff with jitter: 100 ms doubling to 5 s, each wait
 /// drawn between half and all of the current step.
 #[derive(Debug)]

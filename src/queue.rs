@@ -41,6 +41,19 @@ const MUTEX: u16 = 0;
 const EMPTY: u16 = 1;
 const FULL: u16 = 2;
 
+/// Takes the MUTEX; `SEM_UNDO` gives it back if the process dies holding it.
+const TAKE_MUTEX: Op = Op {
+    index: MUTEX,
+    delta: -1,
+    flags: UNDO,
+};
+/// Gives the MUTEX back (and cancels the undo entry of the take).
+const RELEASE_MUTEX: Op = Op {
+    index: MUTEX,
+    delta: 1,
+    flags: UNDO,
+};
+
 // Header field offsets.
 const H_MAGIC: usize = 0;
 const H_VERSION: usize = 8;
@@ -290,19 +303,12 @@ impl Ring {
     /// Takes `n` free slots and the MUTEX in one atomic operation, without
     /// waiting: `None` when fewer than `n` slots are free (nothing taken).
     pub fn lock_reserving(&self, n: usize) -> io::Result<Option<RingGuard<'_>>> {
-        let ops = [
-            Op {
-                index: EMPTY,
-                delta: -(n as i16),
-                flags: NOWAIT,
-            },
-            Op {
-                index: MUTEX,
-                delta: -1,
-                flags: UNDO,
-            },
-        ];
-        if !self.sems.apply(&ops, None)? {
+        let slots = Op {
+            index: EMPTY,
+            delta: -(n as i16),
+            flags: NOWAIT,
+        };
+        if !self.sems.apply(&[slots, TAKE_MUTEX], None)? {
             return Ok(None);
         }
         Ok(Some(RingGuard {
@@ -313,14 +319,7 @@ impl Ring {
 
     /// Takes the MUTEX; the guard gives access to the slots.
     pub fn lock(&self) -> io::Result<RingGuard<'_>> {
-        self.sems.apply(
-            &[Op {
-                index: MUTEX,
-                delta: -1,
-                flags: UNDO,
-            }],
-            None,
-        )?;
+        self.sems.apply(&[TAKE_MUTEX], None)?;
         Ok(RingGuard {
             ring: self,
             released: false,
@@ -415,22 +414,25 @@ impl RingGuard<'_> {
         at
     }
 
+    /// Releases the MUTEX together with the count changes `counts`, in one
+    /// atomic semop. `Ok(false)` if a `NOWAIT` count change could not be
+    /// made (then nothing was done: the MUTEX is still held).
+    fn unlock_with(&mut self, counts: &[Op]) -> io::Result<bool> {
+        let mut ops = [RELEASE_MUTEX; 3];
+        ops[1..=counts.len()].copy_from_slice(counts);
+        let done = self.ring.sems.apply(&ops[..=counts.len()], None)?;
+        self.released |= done;
+        Ok(done)
+    }
+
     /// Releases the MUTEX and counts `pushed` new messages on FULL.
     pub fn unlock_pushed(mut self, pushed: usize) -> io::Result<()> {
-        self.released = true;
-        let ops = [
-            Op {
-                index: MUTEX,
-                delta: 1,
-                flags: UNDO,
-            },
-            Op {
-                index: FULL,
-                delta: pushed as i16,
-                flags: 0,
-            },
-        ];
-        self.ring.sems.apply(&ops, None).map(drop)
+        let full = Op {
+            index: FULL,
+            delta: pushed as i16,
+            flags: 0,
+        };
+        self.unlock_with(&[full]).map(drop)
     }
 
     /// Drops the messages before `new_head` from the ring, then releases
@@ -443,71 +445,37 @@ impl RingGuard<'_> {
         );
         let freed = (new_head - head) as i16;
         self.ring.segment.write_u64(H_HEAD, new_head);
-        self.released = true;
-        let ops = [
-            Op {
-                index: MUTEX,
-                delta: 1,
-                flags: UNDO,
-            },
-            Op {
-                index: FULL,
-                delta: -freed,
-                flags: NOWAIT,
-            },
-            Op {
-                index: EMPTY,
-                delta: freed,
-                flags: 0,
-            },
-        ];
-        if self.ring.sems.apply(&ops, None)? {
+        let full = Op {
+            index: FULL,
+            delta: -freed,
+            flags: NOWAIT,
+        };
+        let empty = Op {
+            index: EMPTY,
+            delta: freed,
+            flags: 0,
+        };
+        if self.unlock_with(&[full, empty])? {
             return Ok(());
         }
-        // FULL lower than the ring says: a bug, but never leave the MUTEX held.
-        self.ring.sems.apply(
-            &[Op {
-                index: MUTEX,
-                delta: 1,
-                flags: UNDO,
-            }],
-            None,
-        )?;
+        // FULL lower than the ring says: a bug, but never leave the MUTEX
+        // held (the guard's drop releases it).
         Err(io::Error::other("semaphore FULL below the ring's count"))
     }
 
     /// Releases the MUTEX and gives back `n` reserved slots not used.
     pub fn unlock_giving_back(mut self, n: usize) -> io::Result<()> {
-        self.released = true;
-        let ops = [
-            Op {
-                index: MUTEX,
-                delta: 1,
-                flags: UNDO,
-            },
-            Op {
-                index: EMPTY,
-                delta: n as i16,
-                flags: 0,
-            },
-        ];
-        self.ring.sems.apply(&ops, None).map(drop)
+        let empty = Op {
+            index: EMPTY,
+            delta: n as i16,
+            flags: 0,
+        };
+        self.unlock_with(&[empty]).map(drop)
     }
 
     /// Releases the MUTEX with no count change.
     pub fn unlock(mut self) -> io::Result<()> {
-        self.released = true;
-        self.ring
-            .sems
-            .apply(
-                &[Op {
-                    index: MUTEX,
-                    delta: 1,
-                    flags: UNDO,
-                }],
-                None,
-            )
-            .map(drop)
+        self.unlock_with(&[]).map(drop)
     }
 
     /// The header fields a reader checks before trusting the segment:
@@ -521,12 +489,7 @@ impl RingGuard<'_> {
 impl Drop for RingGuard<'_> {
     fn drop(&mut self) {
         if !self.released {
-            let op = Op {
-                index: MUTEX,
-                delta: 1,
-                flags: UNDO,
-            };
-            let _ = self.ring.sems.apply(&[op], None);
+            let _ = self.ring.sems.apply(&[RELEASE_MUTEX], None);
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mensajeria::client::{DEFAULT_HEARTBEAT, Endpoint, MAX_HEARTBEAT_S};
+use mensajeria::client::{CommonArgs, Endpoint};
 use mensajeria::config::{UsageError, number, string};
 use mensajeria::consumer::{self, ConsumerOptions, DEFAULT_WINDOW};
 use mensajeria::protocol::valid_consumer_id;
@@ -41,7 +41,7 @@ options:
 fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
     use lexopt::prelude::*;
     let mut parser = lexopt::Parser::from_env();
-    let (mut host, mut port) = (None, None);
+    let mut common = CommonArgs::default();
     let mut options = ConsumerOptions {
         endpoint: Endpoint {
             host: String::new(),
@@ -53,11 +53,15 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
         verbose: false,
         window: DEFAULT_WINDOW,
         retries: None,
-        heartbeat: DEFAULT_HEARTBEAT,
+        heartbeat: Default::default(),
         ack: false,
     };
     while let Some(arg) = parser.next()? {
         match arg {
+            Long(name) if CommonArgs::OPTIONS.contains(&name) => {
+                let name = name.to_owned();
+                common.take(&name, &mut parser)?;
+            }
             Long("id") => {
                 let id = string(&mut parser, "--id")?;
                 if !valid_consumer_id(id.as_bytes()) {
@@ -83,15 +87,6 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
             Short('w') | Long("window") => {
                 options.window = number(&mut parser, "--window", 1, 4096)?
             }
-            Long("host") => host = Some(string(&mut parser, "--host")?),
-            Long("port") => port = Some(number(&mut parser, "--port", 1, 65535)?),
-            Long("retries") => {
-                options.retries = Some(number(&mut parser, "--retries", 0, u32::MAX as u64)?)
-            }
-            Long("heartbeat") => {
-                options.heartbeat =
-                    Duration::from_secs(number(&mut parser, "--heartbeat", 1, MAX_HEARTBEAT_S)?)
-            }
             Short('h') | Long("help") => {
                 print!("{USAGE}");
                 return Ok(None);
@@ -108,7 +103,10 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
             "--ack needs --id: acknowledged progress is kept under a consumer id".into(),
         ));
     }
-    options.endpoint = Endpoint::resolve(host, port, Some(("SERVER_IP", "SERVER_PORT")))?;
+    options.endpoint =
+        Endpoint::resolve(common.host, common.port, Some(("SERVER_IP", "SERVER_PORT")))?;
+    options.retries = common.retries;
+    options.heartbeat = common.heartbeat;
     Ok(Some(options))
 }
 

@@ -7,8 +7,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mensajeria::client::{DEFAULT_HEARTBEAT, Endpoint, MAX_HEARTBEAT_S};
-use mensajeria::config::{UsageError, number, string};
+use mensajeria::client::{CommonArgs, Endpoint};
+use mensajeria::config::{UsageError, number};
 use mensajeria::producer::{self, DEFAULT_WINDOW, MAX_WINDOW, ProducerOptions};
 
 const USAGE: &str = "\
@@ -36,7 +36,7 @@ options:
 fn parse() -> Result<Option<ProducerOptions>, UsageError> {
     use lexopt::prelude::*;
     let mut parser = lexopt::Parser::from_env();
-    let (mut host, mut port) = (None, None);
+    let mut common = CommonArgs::default();
     let mut options = ProducerOptions {
         endpoint: Endpoint {
             host: String::new(),
@@ -47,11 +47,15 @@ fn parse() -> Result<Option<ProducerOptions>, UsageError> {
         window: DEFAULT_WINDOW,
         size: 0,
         retries: None,
-        heartbeat: DEFAULT_HEARTBEAT,
+        heartbeat: Default::default(),
         print_ids: false,
     };
     while let Some(arg) = parser.next()? {
         match arg {
+            Long(name) if CommonArgs::OPTIONS.contains(&name) => {
+                let name = name.to_owned();
+                common.take(&name, &mut parser)?;
+            }
             Short('n') | Long("count") => {
                 options.count = Some(number(&mut parser, "--count", 1, u64::MAX)?)
             }
@@ -66,15 +70,6 @@ fn parse() -> Result<Option<ProducerOptions>, UsageError> {
                 options.size = number(&mut parser, "--size", 1, mensajeria::config::MAX_MSG_SIZE)?
             }
             Long("print-ids") => options.print_ids = true,
-            Long("host") => host = Some(string(&mut parser, "--host")?),
-            Long("port") => port = Some(number(&mut parser, "--port", 1, 65535)?),
-            Long("retries") => {
-                options.retries = Some(number(&mut parser, "--retries", 0, u32::MAX as u64)?)
-            }
-            Long("heartbeat") => {
-                options.heartbeat =
-                    Duration::from_secs(number(&mut parser, "--heartbeat", 1, MAX_HEARTBEAT_S)?)
-            }
             Short('h') | Long("help") => {
                 print!("{USAGE}");
                 return Ok(None);
@@ -86,7 +81,9 @@ fn parse() -> Result<Option<ProducerOptions>, UsageError> {
             _ => return Err(arg.unexpected().into()),
         }
     }
-    options.endpoint = Endpoint::resolve(host, port, None)?;
+    options.endpoint = Endpoint::resolve(common.host, common.port, None)?;
+    options.retries = common.retries;
+    options.heartbeat = common.heartbeat;
     Ok(Some(options))
 }
 
