@@ -64,6 +64,11 @@ pub struct Conn {
     /// Whether this connection is on the list of consumers to notify when
     /// a message arrives (read and written under `state`).
     armed: AtomicBool,
+    /// Batches of GETs answered (counted under `state`), and the value it
+    /// had when a push disarmed the connection: a deferred NOTIFY is stale
+    /// (the GETs answered it) once they differ.
+    gets: AtomicU64,
+    disarmed_at: AtomicU64,
 }
 
 impl Conn {
@@ -74,7 +79,25 @@ impl Conn {
             pending: Mutex::new(Vec::new()),
             deferred_notify: AtomicU64::new(0),
             armed: AtomicBool::new(false),
+            gets: AtomicU64::new(0),
+            disarmed_at: AtomicU64::new(0),
         }
+    }
+
+    /// Takes this connection off the armed list's duty (under `state`):
+    /// the caller pushes it a NOTIFY.
+    fn disarm_for_push(&self) {
+        self.armed.store(false, Ordering::Relaxed);
+        self.disarmed_at
+            .store(self.gets.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// The deferred NOTIFY count, unless a batch of GETs answered since the
+    /// push was decided (then the NOTIFY would be a second one, or stale).
+    fn take_deferred(&self) -> u64 {
+        let count = self.deferred_notify.swap(0, Ordering::AcqRel);
+        let current = self.gets.load(Ordering::Relaxed) == self.disarmed_at.load(Ordering::Relaxed);
+        if current { count } else { 0 }
     }
 
     /// Takes the write lock. While a worker holds it, pushes to this
@@ -118,7 +141,7 @@ impl Conn {
         let Ok(mut pending) = self.pending.try_lock() else {
             return;
         };
-        let count = self.deferred_notify.swap(0, Ordering::AcqRel);
+        let count = self.take_deferred();
         if count > 0 {
             protocol::write_notify(&mut pending, count);
         }
@@ -150,7 +173,7 @@ impl Writer<'_> {
 
     /// Sends the NOTIFY deferred while the lock was held, then unlocks.
     pub fn finish(mut self) -> io::Result<()> {
-        let count = self.conn.deferred_notify.swap(0, Ordering::AcqRel);
+        let count = self.conn.take_deferred();
         if count > 0 {
             let mut line = Vec::with_capacity(48);
             protocol::write_notify(&mut line, count);
@@ -418,6 +441,7 @@ impl Core {
             let want = (contents.len() - done).min(capacity);
             // Fast path: take the slots and the queue's MUTEX in one semop,
             // if there is room for all of them now.
+            let mut attempted = want;
             let mut result = self.append(&contents[done..done + want], false);
             if let Ok(None) = result {
                 // Not enough room: wait (bounded) for some, without locks.
@@ -438,12 +462,11 @@ impl Core {
                     }
                     return;
                 }
+                attempted = reserved;
                 result = self.append(&contents[done..done + reserved], true);
             }
-            let chunk_len = match &result {
-                Ok(Some((_, n))) => *n,
-                _ => want,
-            };
+            // What was tried: stored, or failed as a whole.
+            let chunk_len = attempted;
             let chunk = &contents[done..done + chunk_len];
             done += chunk_len;
             let result = result.map(|stored| stored.map_or(0, |(first, _)| first));
@@ -566,29 +589,27 @@ impl Core {
             if waiting == 0 {
                 return true;
             }
-            conn.armed.store(false, Ordering::Relaxed);
+            conn.disarm_for_push();
             notify.push((Arc::clone(conn), waiting));
             false
         });
         notify
     }
 
-    /// After a batch of a consumer's requests: if messages are there to
-    /// take and no NOTIFY is outstanding on `conn` (a `GET` clears it),
-    /// the NOTIFY goes at the end of the replies; otherwise `conn` is armed
-    /// for the next arrival. At most one NOTIFY until the next GET.
+    /// After a batch of GETs (or a registration), which clears any
+    /// outstanding NOTIFY: if messages are there to take, the NOTIFY goes
+    /// at the end of the replies; otherwise `conn` is armed for the next
+    /// arrival. A push decided before this and deferred behind the batch's
+    /// replies is dropped (see `Conn::take_deferred`): at most one NOTIFY
+    /// until the next GET.
     fn settle_notify(
         &self,
         state: &mut State,
         conn: &Arc<Conn>,
         key: &Arc<[u8]>,
-        got: bool,
         out: &mut Vec<u8>,
     ) {
-        let outstanding = !got && !conn.armed.load(Ordering::Relaxed);
-        if outstanding {
-            return;
-        }
+        conn.gets.fetch_add(1, Ordering::Relaxed);
         let max = self.config.max_ack_pending;
         let waiting = state
             .cursors
@@ -621,7 +642,7 @@ impl Core {
         let mut notify = Vec::new();
         state.armed.retain(|(conn, armed_key)| {
             if armed_key == key {
-                conn.armed.store(false, Ordering::Relaxed);
+                conn.disarm_for_push();
                 notify.push((Arc::clone(conn), waiting));
                 false
             } else {
@@ -690,7 +711,7 @@ impl Core {
             }
         }
         let moved = cursor.pos != old;
-        self.settle_notify(state, conn, key, true, out);
+        self.settle_notify(state, conn, key, out);
         if moved {
             state.offsets_dirty = true;
             if old + 1 == state.head {
@@ -702,15 +723,9 @@ impl Core {
     /// Answers a run of `ACK:<id>`s from consumer `key`: `OK:ACK:<id>` for
     /// each message in flight (or waiting to go again), else
     /// `ERROR:Unknown message id` (also for every ACK in plain mode).
-    pub fn ack_batch(
-        &self,
-        conn: &Arc<Conn>,
-        key: &Arc<[u8]>,
-        ids: &[Option<u64>],
-        out: &mut Vec<u8>,
-    ) {
-        let mut state = self.state();
-        let state = &mut *state;
+    pub fn ack_batch(&self, key: &Arc<[u8]>, ids: &[Option<u64>], out: &mut Vec<u8>) {
+        let mut guard = self.state();
+        let state = &mut *guard;
         let Some(cursor) = state.cursors.get_mut(key) else {
             // Cannot happen: a registered connection keeps its cursor alive.
             for _ in ids {
@@ -733,13 +748,22 @@ impl Core {
         }
         self.counters.acked.fetch_add(acked, Ordering::Relaxed);
         let moved = cursor.pos != old;
-        // Acks may have made room under --max-ack-pending.
-        self.settle_notify(state, conn, key, false, out);
         if moved {
             state.offsets_dirty = true;
             if old + 1 == state.head {
                 self.release(state);
             }
+        }
+        // Acks may have made room under --max-ack-pending: every armed
+        // connection of the id (this one too) hears of it.
+        let notify = if acked > 0 {
+            self.notify_armed(state, key)
+        } else {
+            Vec::new()
+        };
+        drop(guard);
+        for (conn, count) in notify {
+            conn.push_notify(count);
         }
     }
 
@@ -811,7 +835,7 @@ impl Core {
         let pos = cursor.pos;
         state.offsets_dirty = true;
         protocol::write_consumer_ok(out, &key);
-        self.settle_notify(state, conn, &key, true, out);
+        self.settle_notify(state, conn, &key, out);
         self.log.info(format_args!(
             "connection {} registered as consumer {}{} at offset {pos}",
             conn.id,
@@ -900,7 +924,19 @@ impl Core {
     /// fsync (the `interval` policy's tick, and shutdown).
     pub fn sync_now(&self) -> io::Result<()> {
         let written = self.sync.written();
-        self.sync.sync_to(written)
+        self.sync.sync_to(written)?;
+        if self.config.fsync == FsyncPolicy::Always {
+            // Messages whose own fsync failed become visible once a later
+            // fsync (this one) covers them.
+            self.publish(self.sync.synced() + 1);
+        }
+        Ok(())
+    }
+
+    /// Whether messages were written and not yet fsynced.
+    pub fn has_unsynced(&self) -> bool {
+        let sync = lock(&self.sync.state);
+        sync.written > sync.synced
     }
 
     /// Saves the offsets file if a cursor moved (or `force`). Under

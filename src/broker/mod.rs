@@ -36,6 +36,8 @@ const WORKER_STACK: usize = 256 * 1024;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Housekeeping period.
 const TICK: Duration = Duration::from_millis(100);
+/// The shortest housekeeping period, whatever `--fsync-interval` says.
+const MIN_TICK: Duration = Duration::from_millis(10);
 /// Shutdown: how long clients get to take their last replies before their
 /// sockets are closed under them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -258,7 +260,10 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
 /// Creates (0600) and locks `<messages file>.lock` for the broker's life.
 fn lock_messages_file(messages: &std::path::Path) -> Result<std::fs::File, StartError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut name = messages.as_os_str().to_owned();
+    // The lock sits beside the file its name resolves to, so a symbolic
+    // link to the same file finds the same lock.
+    let resolved = std::fs::canonicalize(messages).unwrap_or_else(|_| messages.to_path_buf());
+    let mut name = resolved.into_os_string();
     name.push(".lock");
     let path = std::path::PathBuf::from(name);
     let file = std::fs::OpenOptions::new()
@@ -409,10 +414,18 @@ fn spawn_housekeeping(
             let interval = shared.config.fsync_interval;
             let mut last_sync = Instant::now();
             let mut last_slow = Instant::now();
-            // A shorter --fsync-interval than the tick shortens the tick.
-            let tick = TICK.min(interval);
+            // A shorter --fsync-interval than the tick shortens the tick, down
+            // to a floor that keeps housekeeping from spinning.
+            let tick = TICK.min(interval).max(MIN_TICK);
+            let mut last_forced_compaction = Instant::now();
             while !stop.sleep(tick) {
-                if core.config.fsync == FsyncPolicy::Interval && last_sync.elapsed() >= interval {
+                let sync_due = match core.config.fsync {
+                    FsyncPolicy::Interval => last_sync.elapsed() >= interval,
+                    // Only to retry after a failed fsync: SENDs sync themselves.
+                    FsyncPolicy::Always => core.has_unsynced() && last_sync.elapsed() >= TICK,
+                    FsyncPolicy::Never => false,
+                };
+                if sync_due {
                     last_sync = Instant::now();
                     if let Err(err) = core.sync_now() {
                         core.log.error(format_args!("fsync: {err}"));
@@ -420,9 +433,13 @@ fn spawn_housekeeping(
                 }
                 core.expire_acks();
                 core.flush_pushes(lock(&shared.conns).values());
-                if core.writes_failing() {
+                if core.writes_failing()
+                    && last_forced_compaction.elapsed() >= Duration::from_secs(1)
+                {
                     // Maybe the disk is full: reclaim what consumed records
-                    // take, at once rather than at the usual threshold.
+                    // take, at once rather than at the usual threshold (once
+                    // a second: it holds the state lock while it writes).
+                    last_forced_compaction = Instant::now();
                     if let Err(err) = core.compact_if_worth_it(true) {
                         core.log
                             .debug(format_args!("compaction while writes fail: {err}"));

@@ -197,7 +197,12 @@ pub fn recover(
     if live > capacity {
         return Err(format!(
             "messages file {shown} holds {live} messages that consumers still need, more than \
-             --capacity {capacity}; start with --capacity {live} or more (nothing was changed)"
+             --capacity {capacity}; start with --capacity {live} or more{}",
+            if repaired {
+                ""
+            } else {
+                " (nothing was changed)"
+            }
         ));
     }
     if records.len() as u64 != live || records.front().is_some_and(|r| r.id != head) {

@@ -285,7 +285,7 @@ impl Session<'_> {
                         }
                     }
                     let key = Arc::clone(key);
-                    core.ack_batch(&self.conn, &key, &ids, &mut self.out);
+                    core.ack_batch(&key, &ids, &mut self.out);
                     i += ids.len();
                 }
                 (Request::Get, Role::Consumer(key)) => {

@@ -179,3 +179,22 @@ fn an_id_keeps_the_mode_it_was_created_in() {
     let mut p = broker.consumer("p");
     p.expect("ACK:1", "ERROR:Unknown message id");
 }
+
+#[test]
+fn acks_that_make_room_notify_every_waiting_connection_of_the_id() {
+    let dir = TestDir::new("ack-room-notify");
+    let broker = Broker::start(&dir, &["--max-ack-pending", "1"]);
+    three_messages(&broker);
+    let mut b = ack_consumer(&broker, "m");
+    assert_eq!(b.line(), "NOTIFY:MESSAGES_AVAILABLE:3");
+    let mut a = ack_consumer(&broker, "m");
+    assert_eq!(a.line(), "NOTIFY:MESSAGES_AVAILABLE:3");
+    b.expect("GET", "MSG:1:a");
+    // One in flight, the most allowed: A finds nothing and waits.
+    a.send("GET");
+    assert_eq!(a.line(), "ERROR:No messages available");
+    b.send("ACK:1");
+    assert_eq!(b.reply(), "OK:ACK:1");
+    assert_eq!(a.line(), "NOTIFY:MESSAGES_AVAILABLE:2");
+    a.expect("GET", "MSG:2:b");
+}
