@@ -11,8 +11,8 @@
 //! consumer [--id ID] ...               # src/bin/consumer.rs -> client
 //! ```
 //!
-//! Codemap (see docs/architecture.md): [`sys`] holds every `unsafe` block
-//! and libc call; [`protocol`] parses and formats lines and never touches a
+//! Codemap (see docs/architecture.md): [`sys`] holds every libc call and
+//! every block the compiler cannot check; [`protocol`] parses and formats lines and never touches a
 //! socket; [`store`] owns the files and never touches the network;
 //! [`queue`] is the ring in shared memory; [`pool`] the worker threads;
 //! [`broker`] ties them together; [`client`] is what producer and consumer

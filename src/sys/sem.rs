@@ -103,13 +103,12 @@ impl SemaphoreSet {
         )?;
         let set = SemaphoreSet { id, key, count };
         let mut values: Vec<libc::c_ushort> = initial.to_vec();
-        // SAFETY: SETALL reads `count` unsigned shorts through the pointer,
-        // which is the `array` member of the C union semun; `values` holds
-        // exactly `count` of them and outlives the call.
-        let set_all = cvt(
-            unsafe { libc::semctl(id, 0, libc::SETALL, values.as_mut_ptr()) },
-            || format!("semctl(id={id}, SETALL, {initial:?})"),
-        );
+        let array = values.as_mut_ptr();
+        // SAFETY: SETALL reads `count` unsigned shorts through `array`, the
+        // `array` member of the C union semun; `values` holds exactly
+        // `count` of them and outlives the call.
+        let ret = unsafe { libc::semctl(id, 0, libc::SETALL, array) };
+        let set_all = cvt(ret, || format!("semctl(id={id}, SETALL, {initial:?})"));
         if let Err(err) = set_all {
             let _ = remove(id);
             return Err(err);
