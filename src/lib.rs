@@ -12,8 +12,9 @@
 //! ```
 //!
 //! Codemap (see docs/architecture.md): [`sys`] holds every libc call and
-//! every block the compiler cannot check; [`protocol`] parses and formats lines and never touches a
-//! socket; [`store`] owns the files and never touches the network;
+//! every block the compiler cannot check; [`protocol`] parses and formats
+//! lines and never touches a socket; [`store`] owns the files and never
+//! touches the network;
 //! [`queue`] is the ring in shared memory; [`pool`] the worker threads;
 //! [`broker`] ties them together; [`client`] is what producer and consumer
 //! share.
