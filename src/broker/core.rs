@@ -153,6 +153,13 @@ impl Conn {
     }
 }
 
+/// Pushes the NOTIFYs decided under `state`, after it was released.
+fn push_notifies(notify: Vec<(Arc<Conn>, u64)>) {
+    for (conn, count) in notify {
+        conn.push_notify(count);
+    }
+}
+
 /// The write lock of a connection, held by its worker for a whole batch.
 pub struct Writer<'a> {
     conn: &'a Conn,
@@ -552,9 +559,7 @@ impl Core {
             notify = self.take_armed(state);
         }
         drop(guard);
-        for (conn, count) in notify {
-            conn.push_notify(count);
-        }
+        push_notifies(notify);
         Ok(Some((first, chunk.len())))
     }
 
@@ -571,9 +576,7 @@ impl Core {
         state.visible_next = visible_next;
         let notify = self.take_armed(state);
         drop(guard);
-        for (conn, count) in notify {
-            conn.push_notify(count);
-        }
+        push_notifies(notify);
     }
 
     /// Disarms every armed connection whose id has messages to take, and
@@ -762,9 +765,7 @@ impl Core {
             Vec::new()
         };
         drop(guard);
-        for (conn, count) in notify {
-            conn.push_notify(count);
-        }
+        push_notifies(notify);
     }
 
     /// Drops from the ring the messages every cursor has passed.
@@ -868,9 +869,7 @@ impl Core {
             Vec::new()
         };
         drop(guard);
-        for (conn, count) in notify {
-            conn.push_notify(count);
-        }
+        push_notifies(notify);
     }
 
     /// Ack mode: messages whose ack wait passed become deliverable again;
@@ -890,9 +889,7 @@ impl Core {
             notify.extend(self.notify_armed(state, key));
         }
         drop(guard);
-        for (conn, count) in notify {
-            conn.push_notify(count);
-        }
+        push_notifies(notify);
     }
 
     /// Forgets cursors that have had no connection for the consumer TTL,
