@@ -326,6 +326,24 @@ impl Ring {
         })
     }
 
+    /// Backs the whole segment with memory, a megabyte at a time, until
+    /// done or `stop` says so: the first pass round the ring then finds
+    /// its pages ready instead of faulting each one in. Contents do not
+    /// change, so this may run beside the senders. Returns how many bytes
+    /// were backed (0 where the kernel does not offer it).
+    pub fn populate(&self, stop: &dyn Fn() -> bool) -> usize {
+        const STEP: usize = 1 << 20;
+        let len = self.segment.len();
+        let mut done = 0;
+        while done < len && !stop() {
+            match self.segment.populate(done, STEP) {
+                Ok(true) => done = (done + STEP).min(len),
+                Ok(false) | Err(_) => break,
+            }
+        }
+        done
+    }
+
     /// Removes the segment and the set from the system now (clean
     /// shutdown). Dropping the ring does the same, ignoring errors.
     pub fn remove(&self) -> io::Result<()> {

@@ -371,6 +371,10 @@ pub struct Core {
     pub config: CoreConfig,
     pub counters: Counters,
     failures: Failures,
+    /// Whether a message was stored yet (`Some(true)`), or the broker is
+    /// stopping (`Some(false)`); see `populate_queue_when_used`.
+    used: (Mutex<Option<bool>>, Condvar),
+    used_flag: AtomicBool,
     ring: Ring,
     state: Mutex<State>,
     sync: Syncer,
@@ -406,6 +410,8 @@ impl Core {
             config,
             counters: Counters::default(),
             failures: Failures::default(),
+            used: (Mutex::new(None), Condvar::new()),
+            used_flag: AtomicBool::new(false),
             ring,
             state: Mutex::new(State {
                 file: recovered.file,
@@ -545,6 +551,7 @@ impl Core {
             state.file.cut_back(old_len);
             return Err(err);
         }
+        self.mark_used();
         let n = chunk.len() as u64;
         state.next_id += n;
         state.live_bytes += state.scratch.len() as u64;
@@ -1084,6 +1091,47 @@ impl Core {
             self.started.elapsed().as_secs(),
         );
         out.extend_from_slice(text.as_bytes());
+    }
+
+    /// Waits until the first message is stored (or [`stop_populating`] is
+    /// called), then backs the queue's shared memory with memory ahead of
+    /// the senders. An idle broker keeps its small footprint; a busy one
+    /// pays for its queue memory at once, on another core, rather than page
+    /// by page in the senders' path. Returns the bytes backed.
+    ///
+    /// [`stop_populating`]: Self::stop_populating
+    pub fn populate_queue_when_used(&self) -> usize {
+        let mut used = lock(&self.used.0);
+        while used.is_none() {
+            used = self
+                .used
+                .1
+                .wait(used)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if *used == Some(false) {
+            return 0;
+        }
+        drop(used);
+        self.ring.populate(&|| *lock(&self.used.0) == Some(false))
+    }
+
+    /// Ends [`populate_queue_when_used`](Self::populate_queue_when_used)
+    /// (shutdown).
+    pub fn stop_populating(&self) {
+        *lock(&self.used.0) = Some(false);
+        self.used.1.notify_all();
+    }
+
+    /// Called on every store: the first one starts the populating.
+    fn mark_used(&self) {
+        if !self.used_flag.swap(true, Ordering::Relaxed) {
+            let mut used = lock(&self.used.0);
+            if used.is_none() {
+                *used = Some(true);
+            }
+            self.used.1.notify_all();
+        }
     }
 
     /// Removes the queue's shared memory and semaphores (clean shutdown).

@@ -5,7 +5,8 @@
 //! pool ([`crate::pool`]), whose `max_clients` workers serve one
 //! connection each ([`session`]); one thread waits for SIGINT/SIGTERM; one
 //! does housekeeping (fsync interval, offsets, cursor expiry, compaction,
-//! pushes left pending). Every thread is joined before [`run`] returns.
+//! pushes left pending); one backs the queue's memory once it is first
+//! used. Every thread is joined before [`run`] returns.
 
 mod core;
 mod cursor;
@@ -183,6 +184,11 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     let stop = Arc::new(Stopper::default());
     let signals = spawn_signal_thread(&shared, &stop, listener.try_clone()?)?;
     let housekeeping = spawn_housekeeping(&shared, &stop)?;
+    let populate_shared = Arc::clone(&shared);
+    let populator = std::thread::Builder::new()
+        .name("populate".into())
+        .stack_size(64 * 1024)
+        .spawn(move || populate_shared.core.populate_queue_when_used())?;
 
     log.info(format_args!(
         "listening on {address} with {} workers",
@@ -217,6 +223,8 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     stop.stop();
     let _ = signals.join();
     let _ = housekeeping.join();
+    shared.core.stop_populating();
+    let _ = populator.join();
 
     let core = &shared.core;
     let mut clean = true;
