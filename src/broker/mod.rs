@@ -37,6 +37,8 @@ const WORKER_STACK: usize = 256 * 1024;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Housekeeping period.
 const TICK: Duration = Duration::from_millis(100);
+/// How long startup waits for the messages file's lock before refusing.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// The shortest housekeeping period, whatever `--fsync-interval` says.
 const MIN_TICK: Duration = Duration::from_millis(10);
 /// Shutdown: how long clients get to take their last replies before their
@@ -281,7 +283,15 @@ fn lock_messages_file(messages: &std::path::Path) -> Result<std::fs::File, Start
         .mode(0o600)
         .open(&path)
         .map_err(|err| format!("cannot open lock file {}: {err}", path.display()))?;
-    if !os::try_lock_exclusive(&file)? {
+    // A broker killed a moment ago may still be tearing down its threads,
+    // and holds the lock until the last one is gone: wait a little.
+    let deadline = Instant::now() + LOCK_WAIT;
+    let mut locked = os::try_lock_exclusive(&file)?;
+    while !locked && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        locked = os::try_lock_exclusive(&file)?;
+    }
+    if !locked {
         return Err(StartError(format!(
             "messages file {} is in use by another broker (it holds {}); \
              stop it or give this broker another messages file",
