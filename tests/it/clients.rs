@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,16 +45,8 @@ impl Running {
     /// Starts `program` with `args` and only the broker variables in `env`
     /// (the test's own environment is not inherited for those).
     fn start<S: AsRef<OsStr>>(program: &str, args: &[S], env: &[(&str, &str)]) -> Running {
-        let mut command = Command::new(bin(program));
-        command
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for var in ["BROKER_HOST", "BROKER_PORT", "SERVER_IP", "SERVER_PORT"] {
-            command.env_remove(var);
-        }
-        command.envs(env.iter().copied());
+        let mut command = client_command(program, args, env);
+        command.stdin(Stdio::piped());
         let mut child = command
             .spawn()
             .unwrap_or_else(|err| panic!("spawn {program}: {err}"));

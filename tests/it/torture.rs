@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -147,15 +147,8 @@ struct Proc {
 
 impl Proc {
     fn start(hub: &Arc<Hub>, program: &str, args: &[String]) -> Proc {
-        let mut command = Command::new(bin(program));
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for var in ["BROKER_HOST", "BROKER_PORT", "SERVER_IP", "SERVER_PORT"] {
-            command.env_remove(var);
-        }
+        let mut command = client_command(program, args, &[]);
+        command.stdin(Stdio::null());
         let mut child = command
             .spawn()
             .unwrap_or_else(|err| panic!("spawn {program}: {err}"));

@@ -327,20 +327,29 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
-/// Runs a program to completion (bounded by [`WAIT`]) with `stdin` as input.
-pub fn run(program: &str, args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Output {
+/// A command for one of the programs with piped stdout and stderr, and no
+/// broker address from the test's own environment: only `env`.
+pub fn client_command(
+    program: &str,
+    args: &[impl AsRef<std::ffi::OsStr>],
+    env: &[(&str, &str)],
+) -> Command {
     let mut command = Command::new(bin(program));
     command
         .args(args)
-        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for var in ["BROKER_HOST", "BROKER_PORT", "SERVER_IP", "SERVER_PORT"] {
         command.env_remove(var);
     }
-    for (key, value) in env {
-        command.env(key, value);
-    }
+    command.envs(env.iter().copied());
+    command
+}
+
+/// Runs a program to completion (bounded by [`WAIT`]) with `stdin` as input.
+pub fn run(program: &str, args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Output {
+    let mut command = client_command(program, args, env);
+    command.stdin(Stdio::piped());
     let mut child = command.spawn().unwrap();
     let mut input = child.stdin.take().unwrap();
     let data = stdin.to_vec();
