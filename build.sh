@@ -34,29 +34,42 @@ run_tests() {
     return "$status"
 }
 
+# Starts bin/broker on a free port of 127.0.0.1 with its files in $1 and the
+# SysV keys $2 and $2+1, further options after; waits (bounded) for its
+# `listening on` line. Sets bpid and bport.
+start_broker() {
+    local dir=$1 key=$2
+    shift 2
+    rm -f "$dir"/messages.dat*
+    "$here/bin/broker" --port 0 --bind 127.0.0.1 --shm-key "$key" --sem-key "$((key + 1))" \
+        --log-file "$dir/broker.log" "$@" "$dir/messages.dat" >"$dir/broker.out" 2>&1 &
+    bpid=$!
+    for _ in $(seq 1 250); do
+        grep -q '^listening on' "$dir/broker.out" 2>/dev/null && break
+        kill -0 "$bpid" 2>/dev/null || { cat "$dir/broker.out"; exit 1; }
+        sleep 0.02
+    done
+    bport="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$dir/broker.out")"
+    [ -n "$bport" ] || { echo "the broker did not start"; cat "$dir/broker.out"; exit 1; }
+}
+
+# Stops the broker started by start_broker (SIGTERM, then waits for it).
+stop_broker() {
+    if [ -n "${bpid:-}" ]; then kill -TERM "$bpid" 2>/dev/null || true; wait "$bpid" 2>/dev/null || true; fi
+    bpid=""
+}
+
 demo() {
     build
     dir="$(mktemp -d "${TMPDIR:-/tmp}/mq-demo.XXXXXX")"
     # Keys of our own, from the shell's pid, so the demo never meets
     # another broker's queue.
     key=$(( 0x4d510000 + ($$ % 4096) * 2 ))
-    pid=""
-    cleanup() {
-        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; wait "$pid" || true; fi
-        rm -rf "$dir"
-    }
-    trap cleanup EXIT
+    bpid=""
+    trap 'stop_broker; rm -rf "$dir"' EXIT
     echo "== starting the broker (files in $dir)"
-    bin/broker --port 0 --bind 127.0.0.1 --shm-key "$key" --sem-key "$((key + 1))" \
-        --log-file "$dir/broker.log" "$dir/messages.dat" >"$dir/broker.out" 2>&1 &
-    pid=$!
-    for _ in $(seq 1 100); do
-        grep -q '^listening on' "$dir/broker.out" 2>/dev/null && break
-        kill -0 "$pid" 2>/dev/null || { cat "$dir/broker.out"; exit 1; }
-        sleep 0.05
-    done
-    port="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$dir/broker.out")"
-    [ -n "$port" ] || { echo "the broker did not start"; cat "$dir/broker.out"; exit 1; }
+    start_broker "$dir" "$key"
+    local pid=$bpid port=$bport
     echo "== broker pid $pid listening on 127.0.0.1:$port; its IPC objects:"
     ipcs -m -s | grep -i "$(printf '0x%08x' "$key")\|$(printf '0x%08x' "$((key + 1))")" || true
     echo "== consumer 'demo' waits for 5 messages"
@@ -77,7 +90,7 @@ demo() {
     kill -TERM "$pid"
     wait "$pid"
     echo "broker exited with status $?"
-    pid=""
+    bpid=""
     echo "== IPC objects left with our keys (none expected):"
     ipcs -m -s | grep -i "$(printf '0x%08x' "$key")\|$(printf '0x%08x' "$((key + 1))")" || echo "(none)"
     echo "== the messages file after a clean stop (consumed records compacted away):"
@@ -93,24 +106,7 @@ demo() {
 # Starts brokers with their own temp dir, keys and port, drives them with
 # our own clients, prints one table. Bounded: every client runs under
 # `timeout`, every broker is stopped by pid.
-bench_start_broker() {  # args: extra broker options; sets bpid, bport
-    rm -f "$bdir"/messages.dat*
-    "$here/bin/broker" --port 0 --bind 127.0.0.1 --shm-key "$bkey" --sem-key "$((bkey + 1))" \
-        --log-file "$bdir/broker.log" "$@" "$bdir/messages.dat" >"$bdir/broker.out" 2>&1 &
-    bpid=$!
-    for _ in $(seq 1 200); do
-        grep -q '^listening on' "$bdir/broker.out" 2>/dev/null && break
-        kill -0 "$bpid" 2>/dev/null || { cat "$bdir/broker.out"; exit 1; }
-        sleep 0.02
-    done
-    bport="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$bdir/broker.out")"
-    [ -n "$bport" ] || { echo "broker did not start"; cat "$bdir/broker.out"; exit 1; }
-}
-
-bench_stop_broker() {
-    if [ -n "${bpid:-}" ]; then kill -TERM "$bpid" 2>/dev/null || true; wait "$bpid" 2>/dev/null || true; fi
-    bpid=""
-}
+bench_broker() { start_broker "$bdir" "$bkey" "$@"; }
 
 now_ns() { date +%s%N; }
 
@@ -146,18 +142,18 @@ bench_scaling() {
     echo "== message size (E: 1 producer, 1 consumer, fsync interval, 100000 messages)"
     local size k b t0 t1 rss pids
     for size in 16 100 256 512 1024; do
-        bench_start_broker
+        bench_broker
         timeout 120 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id s --count 100000 --window 256 >/dev/null 2>&1 &
         local c=$!
         t0=$(now_ns)
         timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n 100000 -i 0 --window 256 --size "$size" >/dev/null 2>&1
         wait "$c"; t1=$(now_ns)
         awk -v s="$size" -v a="$t0" -v b="$t1" 'BEGIN { r = 100000 / ((b-a)/1e9); printf "size %5d B: %9.0f msgs/s %7.1f MB/s\n", s, r, r*s/1e6 }'
-        bench_stop_broker
+        stop_broker
     done
     echo "== fan-out (1 producer of 20000 messages, K consumer ids each receiving all, fsync interval)"
     for k in 1 2 5 10 20 50; do
-        bench_start_broker
+        bench_broker
         pids=()
         for i in $(seq "$k"); do
             timeout 120 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id "f$i" --count 20000 --window 256 >/dev/null 2>&1 &
@@ -168,18 +164,18 @@ bench_scaling() {
         for p in "${pids[@]}"; do wait "$p"; done
         t1=$(now_ns)
         awk -v k="$k" -v a="$t0" -v b="$t1" 'BEGIN { s = (b-a)/1e9; printf "K %2d ids: %8.0f msgs/s produced, %9.0f deliveries/s\n", k, 20000/s, k*20000/s }'
-        bench_stop_broker
+        stop_broker
     done
     echo "== backlog held (capacity 32767; fill B with no consumer, then one consumer drains it)"
     for b in 1000 10000 30000; do
-        bench_start_broker --capacity 32767
+        bench_broker --capacity 32767
         timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$b" -i 0 --window 256 --size 100 >/dev/null 2>&1
         rss=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$bpid/status")
         t0=$(now_ns)
         timeout 120 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id d --count "$b" --window 256 >/dev/null 2>&1
         t1=$(now_ns)
         awk -v n="$b" -v r="$rss" -v a="$t0" -v bb="$t1" 'BEGIN { printf "backlog %5d: broker RSS %6d KiB held, drained at %8.0f msgs/s\n", n, r, n/((bb-a)/1e9) }'
-        bench_stop_broker
+        stop_broker
     done
 }
 
@@ -198,7 +194,7 @@ bench() {
     bdir="$(mktemp -d "${TMPDIR:-/tmp}/mq-bench.XXXXXX")"
     bkey=$(( 0x4d520000 + ($$ % 4096) * 2 ))
     bpid=""
-    trap 'bench_stop_broker; rm -rf "$bdir"' EXIT
+    trap 'stop_broker; rm -rf "$bdir"' EXIT
     if [ -n "$scaling" ]; then bench_scaling; return; fi
     # P and L need the whole run to fit in the queue (nothing consumes).
     local fill=$(( bcount < 30000 ? bcount : 30000 )) lat=20000 peak=0
@@ -207,40 +203,40 @@ bench() {
     printf '%-9s %12s %12s %12s %12s   %s\n' "fsync" "P first fill" "P" "E" "E4" "L ack p50 / p99 / p99.9 us"
     for policy in never interval always; do
         # P, first fill: the queue's shared memory is touched for the first time.
-        bench_start_broker --fsync "$policy" --capacity 32767
+        bench_broker --fsync "$policy" --capacity 32767
         timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$fill" -i 0 --window 256 \
             --size "$bsize" >/dev/null 2>"$bdir/p.err"
         local p_cold; p_cold=$(summary_rate "$bdir/p.err")
-        bench_stop_broker
+        stop_broker
         # P on a broker whose queue memory was used once (the steady state).
-        bench_start_broker --fsync "$policy" --capacity 32767
+        bench_broker --fsync "$policy" --capacity 32767
         bench_e 1 32767 >/dev/null
         timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$fill" -i 0 --window 256 \
             --size "$bsize" >/dev/null 2>"$bdir/p.err"
         local p_warm; p_warm=$(summary_rate "$bdir/p.err")
-        bench_stop_broker
+        stop_broker
         # E: one producer, one consumer; E4: four of each.
-        bench_start_broker --fsync "$policy"
+        bench_broker --fsync "$policy"
         local e; e=$(bench_e 1 "$bcount")
         local hwm; hwm=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$bpid/status")
         [ "$hwm" -gt "$peak" ] && peak=$hwm
-        bench_stop_broker
-        bench_start_broker --fsync "$policy"
+        stop_broker
+        bench_broker --fsync "$policy"
         local e4; e4=$(bench_e 4 "$bcount")
-        bench_stop_broker
+        stop_broker
         # L: window-1 round trips.
-        bench_start_broker --fsync "$policy" --capacity 32767
+        bench_broker --fsync "$policy" --capacity 32767
         timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$lat" -i 0 --window 1 \
             --size "$bsize" >/dev/null 2>"$bdir/l.err"
         local l; l=$(summary_latency "$bdir/l.err")
-        bench_stop_broker
+        stop_broker
         printf '%-9s %12s %12s %12s %12s   %s\n' "$policy" "$p_cold" "$p_warm" "$e" "$e4" "$l"
     done
-    bench_start_broker
+    bench_broker
     sleep 0.5
     local idle; idle=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$bpid/status")
     local threads; threads=$(sed -n 's/^Threads:[[:space:]]*\([0-9]*\)/\1/p' "/proc/$bpid/status")
-    bench_stop_broker
+    stop_broker
     printf 'broker RSS: idle %s KiB (%s threads, default pool of 100); peak during E %s KiB\n' "$idle" "$threads" "$peak"
     local sizes=""
     for program in broker producer consumer; do
