@@ -1125,7 +1125,9 @@ impl Core {
 
     /// Called on every store: the first one starts the populating.
     fn mark_used(&self) {
-        if !self.used_flag.swap(true, Ordering::Relaxed) {
+        // A plain load on the hot path; the swap runs once.
+        if !self.used_flag.load(Ordering::Relaxed) && !self.used_flag.swap(true, Ordering::Relaxed)
+        {
             let mut used = lock(&self.used.0);
             if used.is_none() {
                 *used = Some(true);
