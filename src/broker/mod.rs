@@ -12,6 +12,7 @@ mod core;
 mod cursor;
 mod recovery;
 mod session;
+mod state;
 
 use std::collections::HashMap;
 use std::io::Write;
