@@ -164,7 +164,12 @@ impl State {
         let cursors = start
             .cursors
             .into_iter()
-            .map(|saved| (Arc::from(saved.id), Cursor::new(saved.offset, saved.ack, now)))
+            .map(|saved| {
+                (
+                    Arc::from(saved.id),
+                    Cursor::new(saved.offset, saved.ack, now),
+                )
+            })
             .collect();
         State {
             rules,
@@ -191,6 +196,7 @@ impl State {
     }
 
     /// The id after the last message consumers may see.
+    #[cfg(test)]
     pub fn visible_next(&self) -> u64 {
         self.visible_next
     }
@@ -210,6 +216,7 @@ impl State {
     }
 
     /// The position of consumer `id`'s cursor, if it exists.
+    #[cfg(test)]
     pub fn cursor_pos(&self, id: &[u8]) -> Option<u64> {
         self.cursors.get(id).map(|c| c.pos)
     }

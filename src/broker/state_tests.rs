@@ -74,7 +74,11 @@ fn one_notify_until_the_next_get() {
     assert!(state.stored(1).is_empty(), "no second NOTIFY before a GET");
     let got = state.get(1, 1, now);
     assert_eq!(ids(&got), [1]);
-    assert_eq!(got.notify, Some(1), "one more waits: NOTIFY after the reply");
+    assert_eq!(
+        got.notify,
+        Some(1),
+        "one more waits: NOTIFY after the reply"
+    );
     let got = state.get(1, 2, now);
     assert_eq!((ids(&got), got.empty, got.notify), (vec![2], 1, None));
     assert_eq!(state.stored(1).len(), 1, "armed again by the last GET");
@@ -88,7 +92,10 @@ fn the_epoch_tells_a_stale_push() {
     let push = state.stored(1)[0];
     assert_eq!(push.epoch, registered.epoch);
     let got = state.get(1, 1, now);
-    assert!(got.epoch > push.epoch, "a push decided before the GET is stale");
+    assert!(
+        got.epoch > push.epoch,
+        "a push decided before the GET is stale"
+    );
 }
 
 #[test]
@@ -127,7 +134,11 @@ fn ack_mode_floor_redelivery_and_bound() {
     assert_eq!((ids(&got), got.empty), (vec![1, 2], 1), "max_ack_pending 2");
     let acked = state.ack(1, &[Some(2), Some(9), None]);
     assert_eq!(acked.results, [Some(2), None, None]);
-    assert_eq!(state.cursor_pos(b"k"), Some(0), "1 is not acked: floor stays");
+    assert_eq!(
+        state.cursor_pos(b"k"),
+        Some(0),
+        "1 is not acked: floor stays"
+    );
     assert_eq!(state.take_release(), None);
     // Its ack wait passes: 1 goes again, with 3.
     assert!(state.expire_acks(now + WAIT).is_empty(), "not armed");
@@ -142,7 +153,10 @@ fn ack_mode_floor_redelivery_and_bound() {
             }
         ]
     );
-    assert_eq!(state.ack(1, &[Some(1), Some(3)]).results, [Some(1), Some(3)]);
+    assert_eq!(
+        state.ack(1, &[Some(1), Some(3)]).results,
+        [Some(1), Some(3)]
+    );
     assert_eq!(state.cursor_pos(b"k"), Some(3));
     assert_eq!(state.take_release(), Some(4));
 }
@@ -218,12 +232,21 @@ const KEYS: [&[u8]; 2] = [b"plain", b"acked"];
 
 #[derive(Debug, Clone, Copy)]
 enum Event {
-    Register { conn: u64, key: usize },
+    Register {
+        conn: u64,
+        key: usize,
+    },
     Send,
     Sync,
-    Get { conn: u64 },
-    Ack { conn: u64 },
-    Disconnect { conn: u64 },
+    Get {
+        conn: u64,
+    },
+    Ack {
+        conn: u64,
+    },
+    Disconnect {
+        conn: u64,
+    },
     /// The ack wait and the consumer TTL pass.
     Tick,
 }
