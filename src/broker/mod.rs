@@ -12,6 +12,7 @@ mod conn;
 mod core;
 mod cursor;
 mod durability;
+mod panic;
 mod recovery;
 mod session;
 mod state;
@@ -126,6 +127,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     os::block_termination_signals()?;
     os::ignore_file_size_signal();
     let log = Arc::new(Logger::open(&config.log_file, config.log_level)?);
+    panic::install(Arc::clone(&log));
     log.info(format_args!(
         "starting broker pid {}: messages file {}, capacity {}, max message {} bytes, fsync {}",
         os::pid(),
