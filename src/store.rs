@@ -62,10 +62,10 @@ impl FsyncPolicy {
 /// Timestamps at or past this are not believed (year 5138): a damaged
 /// digit more likely than a clock that far ahead. Clocks that are behind
 /// (boards without a real-time clock start in 1970) are fine.
-const MAX_TIMESTAMP: u64 = 100_000_000_000;
+pub const MAX_TIMESTAMP: u64 = 100_000_000_000;
 /// Digits allowed in the SIZE field; the value is checked against the
 /// maximum message size too.
-const MAX_SIZE_DIGITS: usize = 7;
+pub const MAX_SIZE_DIGITS: usize = 7;
 
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]

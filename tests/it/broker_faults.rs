@@ -123,7 +123,12 @@ fn an_fdatasync_eio_in_the_real_process_is_never_a_lie() {
     let pid = broker.pid().to_string();
     let strace = std::process::Command::new("strace")
         .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid])
-        .args(["-e", "trace=fdatasync", "-e", "inject=fdatasync:error=EIO:when=2"])
+        .args([
+            "-e",
+            "trace=fdatasync",
+            "-e",
+            "inject=fdatasync:error=EIO:when=2",
+        ])
         .spawn()
         .expect("start strace");
     let _strace = KillOnDrop(strace);

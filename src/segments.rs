@@ -1,0 +1,1117 @@
+//! The messages on disk as a log of segment files (issue 9, "the log is
+//! the queue"): appends go to the last segment, reads from any id are
+//! served through a sparse in-memory index, and consumed segments are
+//! deleted whole, so freeing space never rewrites live data and needs no
+//! new space.
+//!
+//! Files: beside the messages file `M`, segments named `M.<first id as 20
+//! zero-padded digits>` (so `ls` sorts them by id), mode 0600, holding
+//! records in the original format `MSG_ID:TIMESTAMP:SIZE:CONTENT\n`
+//! ([`store::encode_record`]). A messages file of the single-file version
+//! is carried over on first open by renaming it to its segment name.
+//!
+//! Invariants: ids are consecutive inside a segment and across segments
+//! (a segment's name is the id after its predecessor's last, also for an
+//! empty segment); only the last segment (the active one) is ever written,
+//! truncated or left unsynced; a record of a batch is never split over two
+//! files; the active segment is never deleted, so the next id always has a
+//! file that proves it while any segment exists. Memory is bounded whatever
+//! the backlog: per segment a few words and one index entry per
+//! [`INDEX_EVERY_RECORDS`] records or [`INDEX_EVERY_BYTES`] bytes; reads
+//! and scans hold one chunk plus one record. Every write, fsync, rename,
+//! truncate and unlink goes through [`Disk`], so tests can make each fail.
+//!
+//! Deliberately not here: cursors, the offsets file, the ring, limits on
+//! the backlog (`--capacity`, `--max-bytes`) and the decision of what to
+//! delete: the caller says up to which id records are no longer needed.
+//! No locking: the caller holds the log behind its own lock. Sealed
+//! segments are opened per read rather than kept open, so the number of
+//! descriptors does not grow with the backlog.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::disk::Disk;
+use crate::store::{self, MAX_SIZE_DIGITS, MAX_TIMESTAMP, Record, Tail};
+use crate::text::parse_u64;
+
+/// Default size a segment may reach before the next write rolls to a new
+/// one: large enough that a 1 GiB backlog is 16 files, small enough that
+/// "live records plus two segments" stays close to the live records.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// An index entry at least every this many records...
+pub const INDEX_EVERY_RECORDS: u64 = 4096;
+/// ...or every this many bytes, whichever comes first (Kafka's `.index`
+/// keeps one per 4 KiB; ours only bounds the walk from an entry to the id
+/// wanted, a few hundred microseconds from the page cache).
+pub const INDEX_EVERY_BYTES: u64 = 1024 * 1024;
+/// Bytes read at a time by scans and reads.
+const READ_CHUNK: usize = 64 * 1024;
+/// Digits of a segment's name after the messages file's.
+const NAME_DIGITS: usize = 20;
+/// The longest header `ID:TIMESTAMP:SIZE:` can be.
+const MAX_HEADER: usize = 20 + 1 + 20 + 1 + MAX_SIZE_DIGITS + 1;
+
+/// An error of the segment log.
+#[derive(Debug)]
+pub enum SegmentError {
+    /// A call of the OS failed: what was being done, to which file.
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The files hold something that is not the log: where and why. Open
+    /// stops on it; [`repair`] keeps what comes before it.
+    Damaged {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    /// A read from an id the log does not hold (deleted, or not yet sent).
+    OutOfRange {
+        id: u64,
+        first_id: u64,
+        next_id: u64,
+    },
+    /// `append` was given bytes that are not `count` whole records from
+    /// `first_id` (a programmer error of the caller; nothing was written).
+    BadBatch { first_id: u64, reason: String },
+    /// A failed write could not be cut back: bytes past the last record
+    /// may be garbage, so nothing more is written until the log is opened
+    /// again (which cuts them as a torn tail).
+    Broken { path: PathBuf },
+}
+
+impl fmt::Display for SegmentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SegmentError::Io { what, path, source } => {
+                write!(f, "{what} {}: {source}", path.display())
+            }
+            SegmentError::Damaged {
+                path,
+                offset,
+                reason,
+            } => write!(f, "{}: damaged at byte {offset}: {reason}", path.display()),
+            SegmentError::OutOfRange {
+                id,
+                first_id,
+                next_id,
+            } if first_id == next_id => write!(
+                f,
+                "message id {id} is not in the log (it is empty, the next id is {next_id})"
+            ),
+            SegmentError::OutOfRange {
+                id,
+                first_id,
+                next_id,
+            } => write!(
+                f,
+                "message id {id} is not in the log (it holds {first_id} to {})",
+                next_id - 1
+            ),
+            SegmentError::BadBatch { first_id, reason } => {
+                write!(f, "batch from message id {first_id}: {reason}")
+            }
+            SegmentError::Broken { path } => write!(
+                f,
+                "{} could not be cut back after a failed write; open the log again",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SegmentError {}
+
+impl From<SegmentError> for io::Error {
+    fn from(err: SegmentError) -> io::Error {
+        let kind = match &err {
+            SegmentError::Io { source, .. } => source.kind(),
+            SegmentError::Damaged { .. } => io::ErrorKind::InvalidData,
+            SegmentError::OutOfRange { .. } | SegmentError::BadBatch { .. } => {
+                io::ErrorKind::InvalidInput
+            }
+            SegmentError::Broken { .. } => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, err.to_string())
+    }
+}
+
+fn io_error<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> SegmentError + 'p {
+    move |source| SegmentError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn damaged(path: &Path, offset: u64, reason: impl Into<String>) -> SegmentError {
+    SegmentError::Damaged {
+        path: path.to_path_buf(),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+/// The file of the segment whose first record is `first_id`.
+pub fn segment_path(messages_path: &Path, first_id: u64) -> PathBuf {
+    let mut name = messages_path.as_os_str().to_owned();
+    name.push(format!(".{first_id:0NAME_DIGITS$}"));
+    PathBuf::from(name)
+}
+
+/// The first id a segment's file name says, if `name` is one of the
+/// segments of the messages file named `base` (anything else beside it,
+/// `.offsets`, `.lock`, `.corrupt-…`, is not).
+pub fn segment_id(base: &[u8], name: &[u8]) -> Option<u64> {
+    let digits = name.strip_prefix(base)?.strip_prefix(b".")?;
+    if digits.len() != NAME_DIGITS || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    parse_u64(digits).filter(|&id| id > 0)
+}
+
+/// One entry of a sparse index: record `id` starts at byte `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub id: u64,
+    pub offset: u64,
+}
+
+/// A segment's sparse index: its first record, then one record per
+/// [`INDEX_EVERY_RECORDS`] records or [`INDEX_EVERY_BYTES`] bytes. Pure:
+/// it is told where records are and answers where to start looking.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SparseIndex {
+    entries: Vec<IndexEntry>,
+}
+
+impl SparseIndex {
+    /// Notes that record `id` starts at `offset` (records are noted in
+    /// order); keeps it when it is far enough from the last entry.
+    pub fn note(&mut self, id: u64, offset: u64) {
+        match self.entries.last() {
+            Some(last)
+                if id - last.id < INDEX_EVERY_RECORDS
+                    && offset - last.offset < INDEX_EVERY_BYTES => {}
+            _ => self.entries.push(IndexEntry { id, offset }),
+        }
+    }
+
+    /// The last entry at or before `id`: where a walk to `id` starts.
+    pub fn seek(&self, id: u64) -> Option<IndexEntry> {
+        let after = self.entries.partition_point(|e| e.id <= id);
+        after.checked_sub(1).map(|i| self.entries[i])
+    }
+
+    /// Forgets the entries of records from `id` on (after a cut back).
+    pub fn forget_from(&mut self, id: u64) {
+        let keep = self.entries.partition_point(|e| e.id < id);
+        self.entries.truncate(keep);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// A record's header at the start of `buf`.
+#[derive(Debug, PartialEq, Eq)]
+enum Header {
+    /// `ID:TIMESTAMP:SIZE:` parsed; `len` is its length in bytes.
+    Whole {
+        id: u64,
+        timestamp: u64,
+        size: usize,
+        len: usize,
+    },
+    /// The bytes end before the header does.
+    Short,
+    /// Not a header.
+    Bad,
+}
+
+impl Header {
+    fn parse(buf: &[u8]) -> Header {
+        let mut fields = [0u64; 3];
+        let mut pos = 0;
+        for (field, max_digits) in fields.iter_mut().zip([20, 20, MAX_SIZE_DIGITS]) {
+            let start = pos;
+            loop {
+                match buf.get(pos) {
+                    None => return Header::Short,
+                    Some(b':') if pos > start => break,
+                    Some(b) if b.is_ascii_digit() && pos - start < max_digits => pos += 1,
+                    Some(_) => return Header::Bad,
+                }
+            }
+            match parse_u64(&buf[start..pos]) {
+                Some(value) => *field = value,
+                None => return Header::Bad,
+            }
+            pos += 1;
+        }
+        Header::Whole {
+            id: fields[0],
+            timestamp: fields[1],
+            size: fields[2] as usize,
+            len: pos,
+        }
+    }
+}
+
+/// Where one record lies at the start of a buffer, and its fields.
+#[derive(Debug, PartialEq, Eq)]
+struct Place {
+    id: u64,
+    timestamp: u64,
+    content: std::ops::Range<usize>,
+    len: usize,
+}
+
+/// One record checked at the start of `buf` as [`store::scan`] checks it
+/// (ids in order are the caller's check): `Ok(None)` when `buf` ends
+/// first, `Err(reason)` when it is not a record.
+fn check_record(buf: &[u8], max_msg_size: usize) -> Result<Option<Place>, &'static str> {
+    let (id, timestamp, size, header) = match Header::parse(buf) {
+        Header::Whole {
+            id,
+            timestamp,
+            size,
+            len,
+        } => (id, timestamp, size, len),
+        Header::Short => return Ok(None),
+        Header::Bad => return Err("not a record header"),
+    };
+    if id == 0 || size == 0 || size > max_msg_size || timestamp >= MAX_TIMESTAMP {
+        return Err("message id, size or timestamp out of range");
+    }
+    let end = header + size;
+    match buf.get(end) {
+        None => Ok(None),
+        Some(b'\n') if !buf[header..end].contains(&b'\n') => Ok(Some(Place {
+            id,
+            timestamp,
+            content: header..end,
+            len: end + 1,
+        })),
+        Some(_) => Err("no newline where SIZE says the record ends"),
+    }
+}
+
+/// Reads a file through one buffer: at most a chunk or one record.
+struct Window<'f> {
+    file: &'f File,
+    /// Bytes of the file that may be read (a segment's valid length).
+    end: u64,
+    /// File offset of `buf[0]`.
+    at: u64,
+    buf: Vec<u8>,
+}
+
+impl<'f> Window<'f> {
+    fn new(file: &'f File, end: u64) -> Window<'f> {
+        Window {
+            file,
+            end,
+            at: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The bytes from `offset` on, at least `want` of them unless the end
+    /// comes first.
+    fn get(&mut self, offset: u64, want: usize) -> io::Result<&[u8]> {
+        let want_end = offset.saturating_add(want as u64).min(self.end);
+        let have_end = self.at + self.buf.len() as u64;
+        if offset < self.at || want_end > have_end {
+            let n = (self.end.saturating_sub(offset)).min(want.max(READ_CHUNK) as u64);
+            self.buf.resize(n as usize, 0);
+            self.file.read_exact_at(&mut self.buf, offset)?;
+            self.at = offset;
+        }
+        let start = (offset - self.at) as usize;
+        Ok(&self.buf[start..])
+    }
+}
+
+/// One segment file.
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    first_id: u64,
+    /// The id after its last record (`first_id` when it holds none).
+    next_id: u64,
+    len: u64,
+    index: SparseIndex,
+}
+
+/// What opening the log did that the caller should log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The single messages file of the earlier version was carried over.
+    pub upgraded: Option<Upgrade>,
+    /// A torn tail was cut from the last segment.
+    pub torn: Option<TornTail>,
+}
+
+/// The carry-over of a messages file of the single-file version.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Upgrade {
+    pub from: PathBuf,
+    /// Its new name; `None` when it held no record and was removed.
+    pub to: Option<PathBuf>,
+}
+
+/// A torn tail cut from the last segment: `bytes` bytes from `offset`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TornTail {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+/// What [`SegmentLog::delete_before`] freed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Freed {
+    pub segments: usize,
+    pub bytes: u64,
+}
+
+/// How many leading segments (their `next_id`s in order) hold only records
+/// before `id`: never the last one, which is the active segment.
+fn deletable(next_ids: impl ExactSizeIterator<Item = u64>, id: u64) -> usize {
+    let sealed = next_ids.len().saturating_sub(1);
+    next_ids.take(sealed).take_while(|&next| next <= id).count()
+}
+
+/// Whether a batch of `batch_len` bytes must go to a new segment: when the
+/// active one holds something and would grow past `segment_bytes`. An
+/// empty active segment takes any batch whole, so a batch larger than a
+/// segment is never split and never loops.
+fn needs_roll(active_len: Option<u64>, batch_len: u64, segment_bytes: u64) -> bool {
+    match active_len {
+        None => true,
+        Some(0) => false,
+        Some(len) => len.saturating_add(batch_len) > segment_bytes,
+    }
+}
+
+/// What a read may still deliver.
+struct Budget {
+    records_left: usize,
+    bytes_left: u64,
+    delivered: usize,
+}
+
+/// The directory that holds `path`.
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Fsyncs `dir`, so a create, rename or unlink in it is durable.
+fn sync_dir(disk: &Disk, dir: &Path) -> Result<(), SegmentError> {
+    File::open(dir)
+        .and_then(|d| disk.sync_all(&d))
+        .map_err(io_error("fsync directory", dir))
+}
+
+/// The segments beside `messages_path`, by first id.
+fn list_segments(messages_path: &Path, dir: &Path) -> Result<Vec<(u64, PathBuf)>, SegmentError> {
+    let Some(base) = messages_path.file_name() else {
+        return Err(io_error("name segments after", messages_path)(
+            io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+        ));
+    };
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_error("list", dir))? {
+        let entry = entry.map_err(io_error("list", dir))?;
+        if let Some(id) = segment_id(base.as_bytes(), entry.file_name().as_bytes()) {
+            found.push((id, segment_path(messages_path, id)));
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// The id of the first record of a single-file messages file: `None` when
+/// it holds no whole record, only a torn one or zeros (which the
+/// single-file version cut as a torn tail too). Damage before any record
+/// is an error; damage after one is found again under the segment's name.
+fn first_record_id(path: &Path, max_msg_size: usize) -> Result<Option<u64>, SegmentError> {
+    let file = File::open(path).map_err(io_error("open", path))?;
+    let len = file.metadata().map_err(io_error("stat", path))?.len();
+    let mut window = Window::new(&file, len);
+    let head = window
+        .get(0, MAX_HEADER + max_msg_size + 1)
+        .map_err(io_error("read", path))?;
+    if let Ok(Some(place)) = check_record(head, max_msg_size) {
+        return Ok(Some(place.id));
+    }
+    let scan = store::scan(&file, max_msg_size, u64::MAX, 0).map_err(|err| match err {
+        store::ScanError::Io(source) => io_error("read", path)(source),
+    })?;
+    match (scan.first_id, scan.tail) {
+        (Some(id), _) => Ok(Some(id)),
+        (None, Tail::Damaged { offset, reason }) => Err(damaged(path, offset, reason)),
+        (None, _) => Ok(None),
+    }
+}
+
+/// Upgrade: carries a messages file of the single-file version over as the
+/// first segment (renamed to its first record's segment name), or removes
+/// it when it holds no record, then fsyncs the directory. With segments
+/// already there, a messages file too is an error: which is the truth is
+/// not for this module to guess.
+fn carry_over(
+    messages_path: &Path,
+    dir: &Path,
+    disk: &Disk,
+    have_segments: bool,
+    max_msg_size: usize,
+) -> Result<Option<Upgrade>, SegmentError> {
+    let meta = match fs::symlink_metadata(messages_path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("stat", messages_path)(e)),
+    };
+    if !meta.is_file() {
+        return Err(damaged(messages_path, 0, "not a regular file"));
+    }
+    if have_segments {
+        return Err(damaged(
+            messages_path,
+            0,
+            "a messages file of the single-file version and segment files are both there; \
+             move one of them aside",
+        ));
+    }
+    let to = match first_record_id(messages_path, max_msg_size)? {
+        None => {
+            disk.remove(messages_path)
+                .map_err(io_error("remove", messages_path))?;
+            None
+        }
+        Some(id) => {
+            let to = segment_path(messages_path, id);
+            disk.rename(messages_path, &to)
+                .map_err(io_error("rename", messages_path))?;
+            Some(to)
+        }
+    };
+    sync_dir(disk, dir)?;
+    Ok(Some(Upgrade {
+        from: messages_path.to_path_buf(),
+        to,
+    }))
+}
+
+/// Builds the sparse index of the first `valid_len` bytes of a segment,
+/// which [`store::scan`] has checked: only the headers are read again.
+fn build_index(
+    file: &File,
+    path: &Path,
+    valid_len: u64,
+    first_id: u64,
+) -> Result<SparseIndex, SegmentError> {
+    let mut index = SparseIndex::default();
+    let mut window = Window::new(file, valid_len);
+    let (mut offset, mut id) = (0u64, first_id);
+    while offset < valid_len {
+        let bytes = window
+            .get(offset, MAX_HEADER)
+            .map_err(io_error("read", path))?;
+        match Header::parse(bytes) {
+            Header::Whole {
+                id: got, size, len, ..
+            } if got == id => {
+                index.note(id, offset);
+                offset += (len + size + 1) as u64;
+                id += 1;
+            }
+            _ => return Err(damaged(path, offset, "changed while it was being opened")),
+        }
+    }
+    Ok(index)
+}
+
+/// The messages on disk as segment files; see the module's header.
+#[derive(Debug)]
+pub struct SegmentLog {
+    messages_path: PathBuf,
+    dir: PathBuf,
+    disk: Disk,
+    segment_bytes: u64,
+    max_msg_size: usize,
+    /// Oldest first; the last one is the active segment.
+    segments: VecDeque<Segment>,
+    /// The active segment, open for appending (`None` with no segment).
+    active: Option<File>,
+    next_id: u64,
+    total_bytes: u64,
+    /// Appends to the active segment since its last fdatasync.
+    dirty: bool,
+    /// A segment was created whose name may not be durable yet (a roll
+    /// whose directory fsync failed and whose undo failed too).
+    dir_dirty: bool,
+    /// A failed write could not be cut back.
+    broken: bool,
+}
+
+impl SegmentLog {
+    /// Opens the log of `messages_path`: carries a single-file messages
+    /// file over (see [`OpenReport::upgraded`]), scans every segment with
+    /// [`store::scan`], checks that ids follow across segments, builds the
+    /// sparse indexes and cuts a torn tail of the last segment (reported in
+    /// [`OpenReport::torn`]). Damage anywhere else, a torn tail of another
+    /// segment included, is [`SegmentError::Damaged`], naming the file and
+    /// byte (see [`repair`]). With no segment, the next id is 1 until
+    /// [`SegmentLog::start_at`] says otherwise.
+    pub fn open(
+        messages_path: &Path,
+        disk: Disk,
+        segment_bytes: u64,
+        max_msg_size: usize,
+    ) -> Result<(SegmentLog, OpenReport), SegmentError> {
+        assert!(segment_bytes > 0 && max_msg_size > 0, "limits must be set");
+        let dir = parent_dir(messages_path);
+        let mut report = OpenReport::default();
+        let mut found = list_segments(messages_path, &dir)?;
+        report.upgraded = carry_over(messages_path, &dir, &disk, !found.is_empty(), max_msg_size)?;
+        if report.upgraded.is_some() {
+            found = list_segments(messages_path, &dir)?;
+        }
+        let mut log = SegmentLog {
+            messages_path: messages_path.to_path_buf(),
+            dir,
+            disk,
+            segment_bytes,
+            max_msg_size,
+            segments: VecDeque::with_capacity(found.len()),
+            active: None,
+            next_id: 1,
+            total_bytes: 0,
+            dirty: false,
+            dir_dirty: false,
+            broken: false,
+        };
+        let count = found.len();
+        for (i, (first_id, path)) in found.into_iter().enumerate() {
+            log.add_scanned(path, first_id, i + 1 == count, &mut report)?;
+        }
+        Ok((log, report))
+    }
+
+    /// Scans one segment found at open and adds it after the others.
+    fn add_scanned(
+        &mut self,
+        path: PathBuf,
+        first_id: u64,
+        last: bool,
+        report: &mut OpenReport,
+    ) -> Result<(), SegmentError> {
+        if !self.segments.is_empty() && first_id != self.next_id {
+            return Err(damaged(
+                &path,
+                0,
+                format!(
+                    "the segment starts at message id {first_id}, the one before it ends \
+                     before id {} (a segment is missing or misnamed)",
+                    self.next_id
+                ),
+            ));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .append(last)
+            .open(&path)
+            .map_err(io_error("open", &path))?;
+        let scan = store::scan(&file, self.max_msg_size, u64::MAX, 0).map_err(|err| match err {
+            store::ScanError::Io(source) => io_error("read", &path)(source),
+        })?;
+        let valid_len = scan.valid_len;
+        match scan.tail {
+            Tail::Clean => {}
+            Tail::Torn { .. } if last => {}
+            Tail::Torn { bytes } => {
+                let reason =
+                    format!("{bytes} bytes of a torn record in a segment that is not the last");
+                return Err(damaged(&path, valid_len, reason));
+            }
+            Tail::Damaged { offset, reason } => return Err(damaged(&path, offset, reason)),
+        }
+        if let Some(id) = scan.first_id
+            && id != first_id
+        {
+            let reason =
+                format!("the first record is message id {id}, the file's name says {first_id}");
+            return Err(damaged(&path, 0, reason));
+        }
+        let index = build_index(&file, &path, valid_len, first_id)?;
+        if let Tail::Torn { bytes } = scan.tail {
+            self.disk
+                .truncate(&file, valid_len)
+                .map_err(io_error("truncate", &path))?;
+            self.disk
+                .sync_data(&file)
+                .map_err(io_error("fsync", &path))?;
+            report.torn = Some(TornTail {
+                path: path.clone(),
+                offset: valid_len,
+                bytes,
+            });
+        }
+        self.next_id = scan.last_id.map_or(first_id, |id| id + 1);
+        self.total_bytes += valid_len;
+        if last {
+            self.active = Some(file);
+        }
+        self.segments.push_back(Segment {
+            path,
+            first_id,
+            next_id: self.next_id,
+            len: valid_len,
+            index,
+        });
+        Ok(())
+    }
+
+    /// The id of the oldest record held (`next_id()` when none is).
+    pub fn first_id(&self) -> u64 {
+        self.segments
+            .iter()
+            .find(|s| s.next_id > s.first_id)
+            .map_or(self.next_id, |s| s.first_id)
+    }
+
+    /// The id the next appended record must carry.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Record bytes in every segment.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Entries in every segment's sparse index (what the index costs is
+    /// 16 bytes each).
+    pub fn index_entries(&self) -> usize {
+        self.segments.iter().map(|s| s.index.len()).sum()
+    }
+
+    /// The segment files, oldest first.
+    pub fn segment_paths(&self) -> impl Iterator<Item = &Path> {
+        self.segments.iter().map(|s| s.path.as_path())
+    }
+
+    /// With no segment at all (a new log, or an upgraded empty file), sets
+    /// the id the first append carries: the offsets file's `NEXT_ID`, so
+    /// that ids are never reused. With segments, their names are the truth
+    /// and this is refused.
+    pub fn start_at(&mut self, next_id: u64) -> Result<(), SegmentError> {
+        if !self.segments.is_empty() || next_id == 0 {
+            return Err(SegmentError::BadBatch {
+                first_id: next_id,
+                reason: format!("cannot start there, the next id is {}", self.next_id),
+            });
+        }
+        self.next_id = next_id;
+        Ok(())
+    }
+}
+
+/// Writing: append, roll, sync, cut back, delete.
+impl SegmentLog {
+    /// Appends `count` whole records (bytes of [`store::encode_record`])
+    /// whose ids run from `first_id`, which must be [`SegmentLog::next_id`].
+    /// The batch is checked before it is written. It goes whole to the
+    /// active segment, or to a new one when the active segment would grow
+    /// past `segment_bytes` (the old one is fdatasynced first). On a failed
+    /// write the segment is cut back to its last record; if even that
+    /// fails, the log refuses writes ([`SegmentError::Broken`]).
+    pub fn append(
+        &mut self,
+        records: &[u8],
+        first_id: u64,
+        count: u64,
+    ) -> Result<(), SegmentError> {
+        if self.broken {
+            return Err(SegmentError::Broken {
+                path: self
+                    .segments
+                    .back()
+                    .map(|s| s.path.clone())
+                    .unwrap_or_default(),
+            });
+        }
+        self.check_batch(records, first_id, count)?;
+        let active_len = self.segments.back().map(|s| s.len);
+        if needs_roll(active_len, records.len() as u64, self.segment_bytes) {
+            self.roll(first_id)?;
+        }
+        self.write(records, first_id, count)
+    }
+
+    /// Checks a batch as a scan at open will check it, so that nothing
+    /// written now is found damaged later.
+    fn check_batch(&self, records: &[u8], first_id: u64, count: u64) -> Result<(), SegmentError> {
+        let bad = |reason: String| Err(SegmentError::BadBatch { first_id, reason });
+        if first_id != self.next_id {
+            return bad(format!("the next id is {}", self.next_id));
+        }
+        let (mut at, mut id) = (0usize, first_id);
+        while at < records.len() {
+            match check_record(&records[at..], self.max_msg_size) {
+                Ok(Some(place)) if place.id == id => {
+                    at += place.len;
+                    id += 1;
+                }
+                Ok(Some(place)) => return bad(format!("record {} where {id} was due", place.id)),
+                Ok(None) => return bad(format!("the bytes end inside record {id}")),
+                Err(reason) => return bad(format!("byte {at}: {reason}")),
+            }
+        }
+        if count == 0 || id - first_id != count {
+            return bad(format!("{} records, not {count}", id - first_id));
+        }
+        Ok(())
+    }
+
+    /// Creates the segment that starts at `first_id` and makes it the
+    /// active one. The segment it seals is fdatasynced first and never
+    /// again, so one fdatasync of the active segment covers every record.
+    /// On failure the old active segment stays the active one.
+    fn roll(&mut self, first_id: u64) -> Result<(), SegmentError> {
+        self.sync()?;
+        let path = segment_path(&self.messages_path, first_id);
+        // create_new: a file of that name that the log does not know is
+        // not the log's to overwrite.
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_error("create", &path))?;
+        let segment = Segment {
+            path,
+            first_id,
+            next_id: first_id,
+            len: 0,
+            index: SparseIndex::default(),
+        };
+        if let Err(err) = sync_dir(&self.disk, &self.dir) {
+            // Its name might not survive a crash, so nothing is written in
+            // it. If it cannot be removed either, it stays as the empty
+            // active segment (a valid log), its directory synced later.
+            if self.disk.remove(&segment.path).is_err() {
+                self.dir_dirty = true;
+                self.segments.push_back(segment);
+                self.active = Some(file);
+            }
+            return Err(err);
+        }
+        self.segments.push_back(segment);
+        self.active = Some(file);
+        Ok(())
+    }
+
+    /// Writes a checked batch at the end of the active segment.
+    fn write(&mut self, records: &[u8], first_id: u64, count: u64) -> Result<(), SegmentError> {
+        let (Some(file), Some(segment)) = (&self.active, self.segments.back_mut()) else {
+            unreachable!("append rolls to a segment before it writes");
+        };
+        if let Err(err) = self.disk.write_all(file, records) {
+            // The file is opened for appending: once cut back, the next
+            // write lands right after the last whole record.
+            return match self.disk.truncate(file, segment.len) {
+                Ok(()) => Err(io_error("append to", &segment.path)(err)),
+                Err(cut) => {
+                    self.broken = true;
+                    let both = format!("{err}; then the cut back failed: {cut}");
+                    Err(io_error("append to", &segment.path)(io::Error::new(
+                        cut.kind(),
+                        both,
+                    )))
+                }
+            };
+        }
+        let (mut at, mut id) = (0usize, first_id);
+        while let Header::Whole { size, len, .. } = Header::parse(&records[at..]) {
+            segment.index.note(id, segment.len + at as u64);
+            at += len + size + 1;
+            id += 1;
+            if at >= records.len() {
+                break;
+            }
+        }
+        debug_assert_eq!(id - first_id, count, "checked by check_batch");
+        segment.len += records.len() as u64;
+        segment.next_id = first_id + count;
+        self.next_id = first_id + count;
+        self.total_bytes += records.len() as u64;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Fdatasyncs the active segment if anything was appended since its
+    /// last one (a roll synced every segment before it). After a failure
+    /// the records since the last good sync must be taken as lost
+    /// (PostgreSQL's fsyncgate): the caller cuts them ([`Self::cut_back`]),
+    /// it does not retry and believe the second answer.
+    pub fn sync(&mut self) -> Result<(), SegmentError> {
+        if self.dir_dirty {
+            sync_dir(&self.disk, &self.dir)?;
+            self.dir_dirty = false;
+        }
+        if let (true, Some(file), Some(segment)) = (self.dirty, &self.active, self.segments.back())
+        {
+            self.disk
+                .sync_data(file)
+                .map_err(io_error("fsync", &segment.path))?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Cuts the records from `next_id` on (they must all be in the active
+    /// segment: the unsynced ones always are), after a failed write or
+    /// fsync, so that no record that was refused stays behind.
+    pub fn cut_back(&mut self, next_id: u64) -> Result<(), SegmentError> {
+        let out_of_range = SegmentError::OutOfRange {
+            id: next_id,
+            first_id: self.segments.back().map_or(self.next_id, |s| s.first_id),
+            next_id: self.next_id,
+        };
+        let (Some(file), Some(segment)) = (&self.active, self.segments.back()) else {
+            return if next_id == self.next_id {
+                Ok(())
+            } else {
+                Err(out_of_range)
+            };
+        };
+        if next_id < segment.first_id || next_id > self.next_id {
+            return Err(out_of_range);
+        }
+        if next_id == self.next_id {
+            return Ok(());
+        }
+        let offset = offset_of(file, segment, next_id)?;
+        self.broken = true;
+        self.disk
+            .truncate(file, offset)
+            .map_err(io_error("truncate", &segment.path))?;
+        self.broken = false;
+        let segment = self.segments.back_mut().expect("checked above");
+        self.total_bytes -= segment.len - offset;
+        segment.len = offset;
+        segment.next_id = next_id;
+        segment.index.forget_from(next_id);
+        self.next_id = next_id;
+        Ok(())
+    }
+
+    /// `delete_before(id + 1)`.
+    pub fn delete_through(&mut self, id: u64) -> Result<Freed, SegmentError> {
+        self.delete_before(id.saturating_add(1))
+    }
+
+    /// Deletes the segments every record of which is before `id`, oldest
+    /// first, never the active one, then fsyncs the directory. Unlinking
+    /// needs no new space, so this works on a full disk. On a failure the
+    /// segments already removed are gone from the log too (compare
+    /// [`Self::total_bytes`]) and the error names the one that was not.
+    pub fn delete_before(&mut self, id: u64) -> Result<Freed, SegmentError> {
+        let count = deletable(self.segments.iter().map(|s| s.next_id), id);
+        let mut freed = Freed::default();
+        let mut failed = None;
+        for _ in 0..count {
+            let segment = &self.segments[0];
+            match self.disk.remove(&segment.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    failed = Some(io_error("remove", &segment.path)(e));
+                    break;
+                }
+            }
+            freed.segments += 1;
+            freed.bytes += segment.len;
+            self.total_bytes -= segment.len;
+            self.segments.pop_front();
+        }
+        let synced = match freed.segments {
+            0 => Ok(()),
+            _ => sync_dir(&self.disk, &self.dir),
+        };
+        match failed {
+            Some(err) => Err(err),
+            None => synced.map(|()| freed),
+        }
+    }
+}
+
+/// Where record `id` of `segment` starts, walking the headers from the
+/// index entry before it.
+fn offset_of(file: &File, segment: &Segment, id: u64) -> Result<u64, SegmentError> {
+    let entry = segment.index.seek(id).unwrap_or(IndexEntry {
+        id: segment.first_id,
+        offset: 0,
+    });
+    let mut window = Window::new(file, segment.len);
+    let (mut offset, mut at_id) = (entry.offset, entry.id);
+    while at_id < id {
+        let bytes = window
+            .get(offset, MAX_HEADER)
+            .map_err(io_error("read", &segment.path))?;
+        let Header::Whole { size, len, .. } = Header::parse(bytes) else {
+            return Err(damaged(&segment.path, offset, "not a record header"));
+        };
+        offset += (len + size + 1) as u64;
+        at_id += 1;
+    }
+    Ok(offset)
+}
+
+/// Reading.
+impl SegmentLog {
+    /// The records from `from_id` on, in order, across segments: at most
+    /// `max_records`, and at most `max_bytes` bytes of records on disk
+    /// (but always one, if any is there, so a reader always moves on).
+    /// `from_id == next_id()` is an empty answer (caught up); an id before
+    /// [`Self::first_id`] (deleted) or after the next is
+    /// [`SegmentError::OutOfRange`].
+    pub fn read(
+        &self,
+        from_id: u64,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Record>, SegmentError> {
+        let mut out = Vec::new();
+        self.read_each(from_id, max_records, max_bytes, |id, timestamp, content| {
+            out.push(Record {
+                id,
+                timestamp,
+                content: content.to_vec(),
+            })
+        })?;
+        Ok(out)
+    }
+
+    /// [`Self::read`] without copies: `each(id, timestamp, content)` for
+    /// every record, in order. Returns the id after the last one given.
+    /// Every record is checked again as it is read back.
+    pub fn read_each(
+        &self,
+        from_id: u64,
+        max_records: usize,
+        max_bytes: u64,
+        mut each: impl FnMut(u64, u64, &[u8]),
+    ) -> Result<u64, SegmentError> {
+        if from_id < self.first_id() || from_id > self.next_id {
+            return Err(SegmentError::OutOfRange {
+                id: from_id,
+                first_id: self.first_id(),
+                next_id: self.next_id,
+            });
+        }
+        let mut budget = Budget {
+            records_left: max_records,
+            bytes_left: max_bytes,
+            delivered: 0,
+        };
+        let mut id = from_id;
+        // The last segment whose first id is at or before `from_id` holds
+        // it (empty segments share their successor's first id).
+        let mut k = self.segments.partition_point(|s| s.first_id <= from_id);
+        k = k.saturating_sub(1);
+        while k < self.segments.len() && id < self.next_id && budget.records_left > 0 {
+            let last = k + 1 == self.segments.len();
+            if self.read_segment(k, last, &mut id, &mut budget, &mut each)? {
+                break;
+            }
+            k += 1;
+        }
+        Ok(id)
+    }
+
+    /// Reads from segment `k` what `id` and the budget allow; true when the
+    /// budget is spent.
+    fn read_segment(
+        &self,
+        k: usize,
+        last: bool,
+        id: &mut u64,
+        budget: &mut Budget,
+        each: &mut impl FnMut(u64, u64, &[u8]),
+    ) -> Result<bool, SegmentError> {
+        let segment = &self.segments[k];
+        if *id >= segment.next_id {
+            return Ok(false);
+        }
+        let opened;
+        let file = match (&self.active, last) {
+            (Some(file), true) => file,
+            _ => {
+                opened = File::open(&segment.path).map_err(io_error("open", &segment.path))?;
+                &opened
+            }
+        };
+        let entry = segment.index.seek(*id).unwrap_or(IndexEntry {
+            id: segment.first_id,
+            offset: 0,
+        });
+        let mut window = Window::new(file, segment.len);
+        let (mut offset, mut at_id) = (entry.offset, entry.id);
+        let whole = MAX_HEADER + self.max_msg_size + 1;
+        while at_id < segment.next_id {
+            let bytes = window
+                .get(offset, whole)
+                .map_err(io_error("read", &segment.path))?;
+            let place = match check_record(bytes, self.max_msg_size) {
+                Ok(Some(place)) if place.id == at_id => place,
+                Ok(Some(place)) => {
+                    let reason = format!("message id {} where {at_id} was due", place.id);
+                    return Err(damaged(&segment.path, offset, reason));
+                }
+                Ok(None) => return Err(damaged(&segment.path, offset, "ends inside a record")),
+                Err(reason) => return Err(damaged(&segment.path, offset, reason)),
+            };
+            if at_id >= *id {
+                if budget.delivered > 0 && place.len as u64 > budget.bytes_left {
+                    return Ok(true);
+                }
+                each(at_id, place.timestamp, &bytes[place.content.clone()]);
+                budget.delivered += 1;
+                budget.records_left -= 1;
+                budget.bytes_left = budget.bytes_left.saturating_sub(place.len as u64);
+                *id = at_id + 1;
+                if budget.records_left == 0 {
+                    return Ok(true);
+                }
+            }
+            offset += place.len as u64;
+            at_id += 1;
+        }
+        Ok(false)
+    }
+}
