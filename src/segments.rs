@@ -1115,3 +1115,801 @@ impl SegmentLog {
         Ok(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{DiskOp, FaultPlan};
+    use std::os::unix::fs::PermissionsExt;
+
+    const MAX: usize = 64;
+
+    /// A directory of its own per test, removed when the test ends.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir =
+                std::env::temp_dir().join(format!("mq-segments-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn messages(&self) -> PathBuf {
+            self.0.join("messages.dat")
+        }
+
+        /// The names in the directory, sorted as `ls` sorts them.
+        fn names(&self) -> Vec<String> {
+            let mut names: Vec<String> = fs::read_dir(&self.0)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn expected(id: u64) -> Record {
+        Record {
+            id,
+            timestamp: 1_700_000_000 + id,
+            content: format!("m{id}:{}", "x".repeat((id % 13) as usize)).into_bytes(),
+        }
+    }
+
+    /// The bytes of records `first..first + count`.
+    fn encoded(first: u64, count: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for id in first..first + count {
+            let r = expected(id);
+            store::encode_record(&mut out, r.id, r.timestamp, &r.content);
+        }
+        out
+    }
+
+    fn open(path: &Path, segment_bytes: u64) -> (SegmentLog, OpenReport) {
+        SegmentLog::open(path, Disk::real(), segment_bytes, MAX).unwrap()
+    }
+
+    fn open_err(path: &Path) -> SegmentError {
+        SegmentLog::open(path, Disk::real(), 100, MAX).unwrap_err()
+    }
+
+    /// Appends batches of 1 to 4 records until the next id is `next`.
+    fn fill(log: &mut SegmentLog, next: u64) {
+        while log.next_id() < next {
+            let first = log.next_id();
+            let count = (first % 4 + 1).min(next - first);
+            log.append(&encoded(first, count), first, count).unwrap();
+        }
+    }
+
+    /// Every record from `from` on, read `step` at a time, must be the
+    /// records appended, in order, with no gap and no duplicate.
+    fn check_reads_from(log: &SegmentLog, from: u64, step: usize) {
+        let mut id = from;
+        while id < log.next_id() {
+            let got = log.read(id, step, u64::MAX).unwrap();
+            assert!(!got.is_empty() && got.len() <= step, "from {id}");
+            for record in got {
+                assert_eq!(record, expected(id), "read from {from} by {step}");
+                id += 1;
+            }
+        }
+        assert_eq!(id, log.next_id());
+        assert!(log.read(id, step, u64::MAX).unwrap().is_empty());
+    }
+
+    fn damage_at(err: SegmentError) -> (String, u64, String) {
+        match err {
+            SegmentError::Damaged {
+                path,
+                offset,
+                reason,
+            } => (
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                offset,
+                reason,
+            ),
+            other => panic!("not damage: {other}"),
+        }
+    }
+
+    fn name(id: u64) -> String {
+        format!("messages.dat.{id:020}")
+    }
+
+    #[test]
+    fn names_and_pure_decisions() {
+        assert_eq!(
+            segment_path(Path::new("d/messages.dat"), 1),
+            Path::new("d/messages.dat.00000000000000000001")
+        );
+        let base = b"messages.dat";
+        assert_eq!(
+            segment_id(base, b"messages.dat.00000000000000000042"),
+            Some(42)
+        );
+        for not_ours in [
+            &b"messages.dat"[..],
+            b"messages.dat.offsets",
+            b"messages.dat.0000000000000000004",
+            b"messages.dat.000000000000000000042",
+            b"messages.dat.00000000000000000000",
+            b"messages.dat.99999999999999999999",
+            b"messages.dat.00000000000000000042.corrupt-1",
+            b"other.dat.00000000000000000042",
+        ] {
+            assert_eq!(
+                segment_id(base, not_ours),
+                None,
+                "{}",
+                String::from_utf8_lossy(not_ours)
+            );
+        }
+        // No segment: create one. An empty one takes any batch whole.
+        assert!(needs_roll(None, 1, 100));
+        assert!(!needs_roll(Some(0), 1000, 100));
+        assert!(!needs_roll(Some(60), 40, 100));
+        assert!(needs_roll(Some(60), 41, 100));
+        // The last segment is never deletable.
+        assert_eq!(deletable([5, 9, 12].into_iter(), 100), 2);
+        assert_eq!(deletable([5, 9, 12].into_iter(), 9), 2);
+        assert_eq!(deletable([5, 9, 12].into_iter(), 8), 1);
+        assert_eq!(deletable([5, 9, 12].into_iter(), 4), 0);
+        assert_eq!(deletable([5].into_iter(), 100), 0);
+        assert_eq!(deletable([].into_iter(), 100), 0);
+    }
+
+    #[test]
+    fn the_sparse_index_keeps_one_entry_per_many_records_and_seeks_before() {
+        let mut index = SparseIndex::default();
+        for i in 0..10_000u64 {
+            index.note(100 + i, i * 10);
+        }
+        // By count (10 bytes a record never reaches the byte bound).
+        assert_eq!(
+            index.len(),
+            10_000usize.div_ceil(INDEX_EVERY_RECORDS as usize)
+        );
+        assert_eq!(index.seek(99), None);
+        assert_eq!(index.seek(100), Some(IndexEntry { id: 100, offset: 0 }));
+        let second = 100 + INDEX_EVERY_RECORDS;
+        assert_eq!(index.seek(second - 1).unwrap().id, 100);
+        assert_eq!(
+            index.seek(second).unwrap(),
+            IndexEntry {
+                id: second,
+                offset: INDEX_EVERY_RECORDS * 10
+            }
+        );
+        index.forget_from(second);
+        assert_eq!(index.len(), 1);
+        // By bytes: records of half the byte bound give an entry every other.
+        let mut index = SparseIndex::default();
+        for i in 0..10 {
+            index.note(1 + i, i * INDEX_EVERY_BYTES / 2);
+        }
+        assert_eq!(index.len(), 5);
+    }
+
+    #[test]
+    fn ten_million_records_of_100_bytes_cost_well_under_a_megabyte_of_index() {
+        // The index alone, as appends build it: one entry per 4096 records.
+        let mut index = SparseIndex::default();
+        let mut offset = 0;
+        for id in 1..=10_000_000u64 {
+            index.note(id, offset);
+            offset += record_len_of(id, 100);
+        }
+        let bytes = index.len() * std::mem::size_of::<IndexEntry>();
+        assert!(bytes < 100 * 1024, "{} entries, {bytes} bytes", index.len());
+    }
+
+    fn record_len_of(id: u64, size: usize) -> u64 {
+        store::record_len(id, 1_700_000_000 + id, size)
+    }
+
+    #[test]
+    fn a_million_records_on_disk_keep_a_small_index_and_read_anywhere() {
+        let dir = TempDir::new("million");
+        let (mut log, _) = open(&dir.messages(), 4 * 1024 * 1024);
+        let per_batch = 1000;
+        for first in (1..=1_000_000u64).step_by(per_batch as usize) {
+            log.append(&encoded(first, per_batch), first, per_batch)
+                .unwrap();
+        }
+        log.sync().unwrap();
+        let entries = log.index_entries();
+        // 1,000,000 / 4096 by count, plus one per segment begun.
+        assert!(
+            entries <= 1_000_000 / 4096 + 2 * log.segment_count(),
+            "{entries}"
+        );
+        let (again, _) = open(&dir.messages(), 4 * 1024 * 1024);
+        assert_eq!(
+            again.index_entries(),
+            entries,
+            "the scan rebuilds the same index"
+        );
+        for from in [1, 2, 4095, 4096, 4097, 500_000, 999_999, 1_000_000] {
+            let got = again.read(from, 3, u64::MAX).unwrap();
+            let want: Vec<Record> = (from..(from + 3).min(1_000_001)).map(expected).collect();
+            assert_eq!(got, want, "from {from}");
+        }
+    }
+
+    #[test]
+    fn rolls_over_at_a_tiny_size_without_splitting_a_batch() {
+        let dir = TempDir::new("roll");
+        let (mut log, report) = open(&dir.messages(), 100);
+        assert_eq!(report, OpenReport::default());
+        assert_eq!(
+            (log.segment_count(), log.first_id(), log.next_id()),
+            (0, 1, 1)
+        );
+        fill(&mut log, 301);
+        log.sync().unwrap();
+        let mut all = Vec::new();
+        let mut next = 1;
+        // `ls` order is id order; each file starts right after the last.
+        for name in dir.names() {
+            let path = dir.0.join(&name);
+            assert_eq!(
+                fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            let bytes = fs::read(&path).unwrap();
+            let scan = store::scan(&bytes[..], MAX, 0, usize::MAX).unwrap();
+            assert_eq!(scan.tail, Tail::Clean, "{name}");
+            assert_eq!(name, super::tests::name(next));
+            assert_eq!(scan.first_id, Some(next));
+            // Past the size only when one batch of up to 4 records is all
+            // it holds.
+            assert!(bytes.len() <= 100 || scan.kept.len() <= 4, "{name}");
+            next = scan.last_id.unwrap() + 1;
+            all.extend_from_slice(&bytes);
+        }
+        assert_eq!(next, 301);
+        assert_eq!(
+            all,
+            encoded(1, 300),
+            "the files hold the appends byte for byte"
+        );
+        assert_eq!(log.total_bytes(), all.len() as u64);
+        assert_eq!(log.segment_count(), dir.names().len());
+        // A batch larger than a segment goes whole into a fresh one.
+        let big = encoded(301, 20);
+        assert!(big.len() > 100);
+        log.append(&big, 301, 20).unwrap();
+        assert_eq!(fs::read(segment_path(&dir.messages(), 301)).unwrap(), big);
+        log.append(&encoded(321, 1), 321, 1).unwrap();
+        assert!(segment_path(&dir.messages(), 321).exists());
+    }
+
+    #[test]
+    fn reads_from_every_id_across_boundaries_before_and_after_a_reopen() {
+        let dir = TempDir::new("read");
+        let (mut log, _) = open(&dir.messages(), 150);
+        fill(&mut log, 120);
+        assert!(log.segment_count() > 10);
+        for from in 1..=log.next_id() {
+            for step in [1, 3, 1000] {
+                check_reads_from(&log, from, step);
+            }
+        }
+        let (again, _) = open(&dir.messages(), 150);
+        assert_eq!((again.first_id(), again.next_id()), (1, 120));
+        assert_eq!(again.total_bytes(), log.total_bytes());
+        let indexes = |l: &SegmentLog| {
+            l.segments
+                .iter()
+                .map(|s| s.index.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(indexes(&again), indexes(&log));
+        for from in 1..=again.next_id() {
+            check_reads_from(&again, from, 7);
+        }
+        // Bytes bound the answer, but one record always comes.
+        let one = again.read(5, 100, 1).unwrap();
+        assert_eq!(one, [expected(5)]);
+        let len = |id| record_len_of(id, expected(id).content.len());
+        let two = again.read(5, 100, len(5) + len(6)).unwrap();
+        assert_eq!(two, [expected(5), expected(6)]);
+        let mut seen = Vec::new();
+        let next = again
+            .read_each(118, 10, u64::MAX, |id, _, content| {
+                seen.push((id, content.to_vec()))
+            })
+            .unwrap();
+        assert_eq!(next, 120);
+        assert_eq!(
+            seen,
+            [(118, expected(118).content), (119, expected(119).content)]
+        );
+    }
+
+    #[test]
+    fn reads_out_of_range_say_so() {
+        let dir = TempDir::new("range");
+        let (mut log, _) = open(&dir.messages(), 100);
+        assert!(
+            log.read(1, 10, u64::MAX).unwrap().is_empty(),
+            "empty log, caught up"
+        );
+        let err = log.read(2, 10, u64::MAX).unwrap_err();
+        assert!(
+            err.to_string().contains("it is empty, the next id is 1"),
+            "{err}"
+        );
+        fill(&mut log, 40);
+        assert!(log.read(40, 10, u64::MAX).unwrap().is_empty());
+        assert!(log.read(1, 0, u64::MAX).unwrap().is_empty());
+        for id in [0, 41, u64::MAX] {
+            let err = log.read(id, 10, u64::MAX).unwrap_err();
+            assert!(
+                matches!(err, SegmentError::OutOfRange { .. }),
+                "{id}: {err}"
+            );
+        }
+        log.delete_before(20).unwrap();
+        let first = log.first_id();
+        assert!(first > 1 && first <= 20);
+        let err = log.read(first - 1, 10, u64::MAX).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "message id {} is not in the log (it holds {first} to 39)",
+                first - 1
+            )
+        );
+        check_reads_from(&log, first, 5);
+    }
+
+    #[test]
+    fn deletes_whole_consumed_segments_never_the_active_one() {
+        let dir = TempDir::new("delete");
+        let (mut log, _) = open(&dir.messages(), 100);
+        fill(&mut log, 200);
+        let count = log.segment_count();
+        let sizes: Vec<(u64, u64, u64)> = log
+            .segments
+            .iter()
+            .map(|s| (s.first_id, s.next_id, s.len))
+            .collect();
+        // Nothing before the end of the first segment: nothing deleted.
+        let (_, first_next, _) = sizes[0];
+        assert_eq!(log.delete_before(first_next - 1).unwrap(), Freed::default());
+        assert_eq!(
+            log.delete_through(first_next - 1).unwrap(),
+            Freed {
+                segments: 1,
+                bytes: sizes[0].2
+            }
+        );
+        assert!(!segment_path(&dir.messages(), 1).exists());
+        assert_eq!(log.first_id(), first_next);
+        // Everything: all but the active segment.
+        let before = log.total_bytes();
+        let freed = log.delete_through(u64::MAX).unwrap();
+        assert_eq!(freed.segments, count - 2);
+        assert_eq!(
+            freed.bytes,
+            sizes[1..count - 1].iter().map(|s| s.2).sum::<u64>()
+        );
+        assert_eq!(log.total_bytes(), before - freed.bytes);
+        assert_eq!(log.segment_count(), 1);
+        assert_eq!(dir.names(), [name(sizes[count - 1].0)]);
+        assert_eq!(log.first_id(), sizes[count - 1].0);
+        check_reads_from(&log, log.first_id(), 2);
+        fill(&mut log, 220);
+        let (again, _) = open(&dir.messages(), 100);
+        assert_eq!(
+            (again.first_id(), again.next_id()),
+            (sizes[count - 1].0, 220)
+        );
+        check_reads_from(&again, again.first_id(), 3);
+    }
+
+    #[test]
+    fn a_torn_tail_of_the_last_segment_is_cut_and_reported() {
+        for tail in [
+            &b"57:17000"[..],
+            b"57:1700000057:9:m57:xx",
+            &[0u8; 300],
+            b"57:1700000057:5:m57:x\x00\x00",
+        ] {
+            let dir = TempDir::new("torn");
+            let (mut log, _) = open(&dir.messages(), 100);
+            fill(&mut log, 57);
+            log.sync().unwrap();
+            let last = log.segments.back().unwrap().path.clone();
+            let len = fs::metadata(&last).unwrap().len();
+            let mut file = OpenOptions::new().append(true).open(&last).unwrap();
+            io::Write::write_all(&mut file, tail).unwrap();
+            let (mut again, report) = open(&dir.messages(), 100);
+            assert_eq!(
+                report.torn,
+                Some(TornTail {
+                    path: last.clone(),
+                    offset: len,
+                    bytes: tail.len() as u64
+                }),
+                "{tail:?}"
+            );
+            assert_eq!(fs::metadata(&last).unwrap().len(), len);
+            assert_eq!(again.next_id(), 57);
+            fill(&mut again, 70);
+            let (third, report) = open(&dir.messages(), 100);
+            assert_eq!(report.torn, None);
+            check_reads_from(&third, 1, 4);
+        }
+    }
+
+    #[test]
+    fn a_torn_or_garbage_tail_of_a_middle_segment_is_damage() {
+        for (tail, reason) in [
+            (&b"9999:17"[..], "torn record"),
+            (b"####", "not a record"),
+            (b"99:1:1:a\n", "does not follow"),
+        ] {
+            let dir = TempDir::new("middle");
+            let (mut log, _) = open(&dir.messages(), 100);
+            fill(&mut log, 60);
+            let middle = &log.segments[2];
+            let (path, len) = (middle.path.clone(), middle.len);
+            let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+            io::Write::write_all(&mut file, tail).unwrap();
+            let (file_name, offset, why) = damage_at(open_err(&dir.messages()));
+            assert_eq!(file_name, path.file_name().unwrap().to_string_lossy());
+            assert_eq!(offset, len, "{why}");
+            assert!(why.contains(reason) || reason == "not a record", "{why}");
+            assert_eq!(
+                fs::metadata(&path).unwrap().len(),
+                len + tail.len() as u64,
+                "left as it was"
+            );
+        }
+        // Garbage in the middle of the last segment is damage too.
+        let dir = TempDir::new("last-garbage");
+        let (mut log, _) = open(&dir.messages(), 100);
+        fill(&mut log, 30);
+        let last = log.segments.back().unwrap().path.clone();
+        let mut bytes = fs::read(&last).unwrap();
+        bytes[0] = b'#';
+        fs::write(&last, &bytes).unwrap();
+        assert_eq!(damage_at(open_err(&dir.messages())).1, 0);
+    }
+
+    #[test]
+    fn a_missing_or_misnamed_segment_is_damage() {
+        let dir = TempDir::new("gap");
+        let (mut log, _) = open(&dir.messages(), 100);
+        fill(&mut log, 60);
+        let paths: Vec<PathBuf> = log.segment_paths().map(Path::to_path_buf).collect();
+        drop(log);
+        fs::remove_file(&paths[2]).unwrap();
+        let (file_name, offset, why) = damage_at(open_err(&dir.messages()));
+        assert_eq!(
+            (file_name.as_str(), offset),
+            (paths[3].file_name().unwrap().to_str().unwrap(), 0)
+        );
+        assert!(why.contains("missing"), "{why}");
+        // A segment whose name is not its first record's id.
+        let dir = TempDir::new("misnamed");
+        fs::write(segment_path(&dir.messages(), 5), encoded(6, 3)).unwrap();
+        let (_, offset, why) = damage_at(open_err(&dir.messages()));
+        assert_eq!(offset, 0);
+        assert!(why.contains("the file's name says 5"), "{why}");
+    }
+
+    #[test]
+    fn an_old_single_file_is_carried_over_once() {
+        let dir = TempDir::new("upgrade");
+        let old = encoded(50, 31);
+        fs::write(dir.messages(), &old).unwrap();
+        fs::write(store::offsets_path(&dir.messages()), b"NEXT_ID:81\n").unwrap();
+        let (mut log, report) = open(&dir.messages(), 100);
+        let to = segment_path(&dir.messages(), 50);
+        assert_eq!(
+            report.upgraded,
+            Some(Upgrade {
+                from: dir.messages(),
+                to: Some(to.clone())
+            })
+        );
+        assert!(!dir.messages().exists());
+        assert_eq!(
+            fs::read(&to).unwrap(),
+            old,
+            "the same bytes under the new name"
+        );
+        assert_eq!(
+            (log.first_id(), log.next_id(), log.segment_count()),
+            (50, 81, 1)
+        );
+        check_reads_from(&log, 50, 6);
+        fill(&mut log, 90);
+        // A second open does nothing more.
+        let (again, report) = open(&dir.messages(), 100);
+        assert_eq!(report, OpenReport::default());
+        check_reads_from(&again, 50, 6);
+        assert!(dir.names().contains(&"messages.dat.offsets".to_string()));
+
+        // An empty old file, or one of only a torn record, goes away.
+        for content in [&b""[..], b"7:1700"] {
+            let dir = TempDir::new("upgrade-empty");
+            fs::write(dir.messages(), content).unwrap();
+            let (mut log, report) = open(&dir.messages(), 100);
+            assert_eq!(
+                report.upgraded,
+                Some(Upgrade {
+                    from: dir.messages(),
+                    to: None
+                })
+            );
+            assert!(dir.names().is_empty());
+            log.start_at(7).unwrap();
+            log.append(&encoded(7, 1), 7, 1).unwrap();
+            assert_eq!(dir.names(), [name(7)]);
+            assert!(log.start_at(9).is_err(), "segments name the next id");
+        }
+
+        // A torn tail comes along and is cut under the new name.
+        let dir = TempDir::new("upgrade-torn");
+        let mut torn = encoded(3, 4);
+        torn.extend_from_slice(b"7:17");
+        fs::write(dir.messages(), &torn).unwrap();
+        let (log, report) = open(&dir.messages(), 100);
+        assert_eq!(report.torn.unwrap().bytes, 4);
+        assert_eq!(log.next_id(), 7);
+
+        // Garbage at the start, or both kinds of files: refused, untouched.
+        let dir = TempDir::new("upgrade-bad");
+        fs::write(dir.messages(), b"garbage\n").unwrap();
+        assert_eq!(
+            damage_at(open_err(&dir.messages())),
+            ("messages.dat".into(), 0, "bad message id".into())
+        );
+        fs::write(dir.messages(), encoded(1, 2)).unwrap();
+        fs::write(segment_path(&dir.messages(), 1), encoded(1, 2)).unwrap();
+        assert!(
+            damage_at(open_err(&dir.messages()))
+                .2
+                .contains("both there")
+        );
+        assert_eq!(dir.names().len(), 2);
+    }
+
+    #[test]
+    fn bad_batches_are_refused_before_anything_is_written() {
+        let dir = TempDir::new("batch");
+        let (mut log, _) = open(&dir.messages(), 100);
+        fill(&mut log, 5);
+        let mut newline = Vec::new();
+        store::encode_record(&mut newline, 5, 1, b"a\nb");
+        let mut too_big = Vec::new();
+        store::encode_record(&mut too_big, 5, 1, &[b'x'; MAX + 1]);
+        let cases: [(Vec<u8>, u64, u64); 8] = [
+            (encoded(6, 1), 6, 1),
+            (encoded(5, 2), 5, 1),
+            (encoded(5, 2), 5, 3),
+            (encoded(5, 2)[..20].to_vec(), 5, 1),
+            (b"5:1:1:a\n6:1:1:b\n8:1:1:c\n".to_vec(), 5, 3),
+            (newline, 5, 1),
+            (too_big, 5, 1),
+            (Vec::new(), 5, 0),
+        ];
+        let before = log.total_bytes();
+        for (bytes, first, count) in cases {
+            let err = log.append(&bytes, first, count).unwrap_err();
+            assert!(matches!(err, SegmentError::BadBatch { .. }), "{err}");
+        }
+        assert_eq!(log.total_bytes(), before);
+        assert_eq!(log.next_id(), 5);
+        check_reads_from(&log, 1, 10);
+    }
+
+    fn faulty(dir: &TempDir, segment_bytes: u64) -> (SegmentLog, Arc<FaultPlan>) {
+        let plan = FaultPlan::new();
+        let (log, _) = SegmentLog::open(
+            &dir.messages(),
+            Disk::with_faults(plan.clone()),
+            segment_bytes,
+            MAX,
+        )
+        .unwrap();
+        (log, plan)
+    }
+
+    use std::sync::Arc;
+
+    /// The log on disk, opened afresh, holds what `log` says it holds.
+    fn consistent(dir: &TempDir, log: &SegmentLog) {
+        let (again, report) = open(&dir.messages(), log.segment_bytes);
+        assert_eq!(report.torn, None);
+        assert_eq!(
+            (again.first_id(), again.next_id()),
+            (log.first_id(), log.next_id())
+        );
+        assert_eq!(again.total_bytes(), log.total_bytes());
+        assert_eq!(again.segment_count(), log.segment_count());
+        check_reads_from(&again, again.first_id(), 5);
+    }
+
+    #[test]
+    fn a_failed_append_is_cut_back_and_a_failed_cut_back_stops_writes() {
+        let dir = TempDir::new("fault-append");
+        let (mut log, plan) = faulty(&dir, 1000);
+        fill(&mut log, 10);
+        plan.fail(DiskOp::Write, 1, 1);
+        let err = log.append(&encoded(10, 2), 10, 2).unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert_eq!(log.next_id(), 10);
+        consistent(&dir, &log);
+        log.append(&encoded(10, 2), 10, 2).unwrap();
+        consistent(&dir, &log);
+        // The write fails and so does its cut back.
+        plan.fail(DiskOp::Write, 1, 1);
+        plan.fail(DiskOp::Truncate, 1, 1);
+        let err = log.append(&encoded(12, 1), 12, 1).unwrap_err().to_string();
+        assert!(err.contains("cut back failed"), "{err}");
+        assert!(matches!(
+            log.append(&encoded(12, 1), 12, 1),
+            Err(SegmentError::Broken { .. })
+        ));
+        drop(log);
+        let (log, _) = open(&dir.messages(), 1000);
+        assert_eq!(log.next_id(), 12);
+    }
+
+    #[test]
+    fn a_failed_roll_leaves_the_old_active_segment_in_use() {
+        let dir = TempDir::new("fault-roll");
+        let (mut log, plan) = faulty(&dir, 100);
+        fill(&mut log, 6);
+        let (count, next) = (log.segment_count(), log.next_id());
+        let big = encoded(next, 4);
+        // The fdatasync of the segment being sealed fails.
+        plan.fail(DiskOp::Fsync, 1, 1);
+        assert!(log.append(&big, next, 4).is_err());
+        assert_eq!((log.segment_count(), log.next_id()), (count, next));
+        assert!(!segment_path(&dir.messages(), next).exists());
+        // The directory's fsync after the create fails: the file goes.
+        log.sync().unwrap();
+        plan.fail(DiskOp::Fsync, 1, 1);
+        assert!(log.append(&big, next, 4).is_err());
+        assert_eq!((log.segment_count(), log.next_id()), (count, next));
+        assert!(!segment_path(&dir.messages(), next).exists());
+        consistent(&dir, &log);
+        // ...and when it cannot be removed, it is the empty active one,
+        // whose directory the next sync fsyncs.
+        plan.fail(DiskOp::Fsync, 1, 1);
+        plan.fail(DiskOp::Remove, 1, 1);
+        assert!(log.append(&big, next, 4).is_err());
+        assert_eq!((log.segment_count(), log.next_id()), (count + 1, next));
+        consistent(&dir, &log);
+        let fsyncs = plan.calls(DiskOp::Fsync);
+        log.append(&big, next, 4).unwrap();
+        log.sync().unwrap();
+        assert_eq!(
+            plan.calls(DiskOp::Fsync),
+            fsyncs + 2,
+            "directory, then the data"
+        );
+        assert_eq!(log.segment_count(), count + 1);
+        // A write that fails in a fresh segment leaves it empty and active.
+        let next = log.next_id();
+        plan.fail(DiskOp::Write, 1, 1);
+        assert!(log.append(&encoded(next, 4), next, 4).is_err());
+        assert_eq!(
+            fs::metadata(segment_path(&dir.messages(), next))
+                .unwrap()
+                .len(),
+            0
+        );
+        consistent(&dir, &log);
+        fill(&mut log, 40);
+        consistent(&dir, &log);
+    }
+
+    #[test]
+    fn a_roll_fsyncs_the_segment_it_seals() {
+        let dir = TempDir::new("roll-sync");
+        let (mut log, plan) = faulty(&dir, 100);
+        fill(&mut log, 3);
+        let fsyncs = plan.calls(DiskOp::Fsync);
+        let next = log.next_id();
+        log.append(&encoded(next, 5), next, 5).unwrap();
+        // The sealed segment's data, then the directory after the create.
+        assert_eq!(plan.calls(DiskOp::Fsync), fsyncs + 2);
+        log.sync().unwrap();
+        log.sync().unwrap();
+        assert_eq!(
+            plan.calls(DiskOp::Fsync),
+            fsyncs + 3,
+            "a clean log is not synced again"
+        );
+    }
+
+    #[test]
+    fn a_failed_sync_is_reported_and_the_caller_cuts_back() {
+        let dir = TempDir::new("fault-sync");
+        let (mut log, plan) = faulty(&dir, 1000);
+        fill(&mut log, 10);
+        log.sync().unwrap();
+        fill(&mut log, 20);
+        plan.fail(DiskOp::Fsync, 1, 1);
+        assert!(log.sync().is_err());
+        assert!(log.cut_back(25).is_err());
+        assert!(log.cut_back(0).is_err());
+        log.cut_back(10).unwrap();
+        assert_eq!(
+            (log.next_id(), log.total_bytes()),
+            (10, encoded(1, 9).len() as u64)
+        );
+        consistent(&dir, &log);
+        fill(&mut log, 30);
+        consistent(&dir, &log);
+        // A cut back that cannot truncate stops writes.
+        plan.fail(DiskOp::Truncate, 1, 1);
+        assert!(log.cut_back(25).is_err());
+        assert!(matches!(
+            log.append(&encoded(30, 1), 30, 1),
+            Err(SegmentError::Broken { .. })
+        ));
+    }
+
+    #[test]
+    fn a_failed_delete_is_reported_and_the_log_stays_the_truth() {
+        let dir = TempDir::new("fault-delete");
+        let (mut log, plan) = faulty(&dir, 100);
+        fill(&mut log, 100);
+        let count = log.segment_count();
+        plan.fail(DiskOp::Remove, 2, 1);
+        let err = log.delete_through(u64::MAX).unwrap_err();
+        assert!(err.to_string().starts_with("remove "), "{err}");
+        assert_eq!(
+            log.segment_count(),
+            count - 1,
+            "the first went, the second stayed"
+        );
+        consistent(&dir, &log);
+        // The directory's fsync fails: the segments are gone all the same.
+        plan.fail(DiskOp::Fsync, 1, 1);
+        assert!(log.delete_through(u64::MAX).is_err());
+        assert_eq!(log.segment_count(), 1);
+        consistent(&dir, &log);
+    }
+
+    #[test]
+    fn failures_at_open_change_nothing() {
+        // The rename of an upgrade fails: the old file stays; next time.
+        let dir = TempDir::new("fault-open");
+        fs::write(dir.messages(), encoded(1, 5)).unwrap();
+        let plan = FaultPlan::new();
+        plan.fail(DiskOp::Rename, 1, 1);
+        assert!(SegmentLog::open(&dir.messages(), Disk::with_faults(plan), 100, MAX).is_err());
+        assert_eq!(fs::read(dir.messages()).unwrap(), encoded(1, 5));
+        // The cut of a torn tail fails: the error says so; next time.
+        let mut torn = encoded(1, 5);
+        torn.extend_from_slice(b"6:1");
+        fs::write(dir.messages(), &torn).unwrap();
+        let plan = FaultPlan::new();
+        plan.fail(DiskOp::Truncate, 1, 1);
+        let err = SegmentLog::open(&dir.messages(), Disk::with_faults(plan), 100, MAX).unwrap_err();
+        assert!(err.to_string().starts_with("truncate "), "{err}");
+        let (log, report) = open(&dir.messages(), 100);
+        assert_eq!(report.torn.unwrap().bytes, 3);
+        assert_eq!(log.next_id(), 6);
+    }
+}
