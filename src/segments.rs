@@ -341,7 +341,7 @@ impl<'f> Window<'f> {
             self.file.read_exact_at(&mut self.buf, offset)?;
             self.at = offset;
         }
-        let start = (offset - self.at) as usize;
+        let start = ((offset - self.at) as usize).min(self.buf.len());
         Ok(&self.buf[start..])
     }
 }
@@ -1114,6 +1114,69 @@ impl SegmentLog {
         }
         Ok(false)
     }
+}
+
+/// `--repair` for the segment log: when [`SegmentLog::open`] finds damage,
+/// keeps every record before it and moves the rest aside, never deleting
+/// a byte. The damaged segment is saved whole as
+/// `<segment>.corrupt-<unix_time>` and cut to its valid records
+/// ([`store::repair`]; when none is valid it is only renamed so); every
+/// later segment is renamed `<segment>.corrupt-<unix_time>` (its records
+/// follow the damage, and ids must follow each other). A damaged messages
+/// file of the single-file version is repaired as before and carried over
+/// by the next open. Returns the files saved aside (none when nothing was
+/// damaged); the caller logs them and opens the log.
+pub fn repair(
+    messages_path: &Path,
+    max_msg_size: usize,
+    unix_time: u64,
+) -> Result<Vec<PathBuf>, SegmentError> {
+    let (path, offset, reason) =
+        match SegmentLog::open(messages_path, Disk::real(), u64::MAX, max_msg_size) {
+            Ok(_) => return Ok(Vec::new()),
+            Err(SegmentError::Damaged {
+                path,
+                offset,
+                reason,
+            }) => (path, offset, reason),
+            Err(other) => return Err(other),
+        };
+    let aside = |p: &Path| -> PathBuf {
+        let mut name = p.as_os_str().to_owned();
+        name.push(format!(".corrupt-{unix_time}"));
+        PathBuf::from(name)
+    };
+    let dir = parent_dir(messages_path);
+    let damaged_id = path.file_name().and_then(|name| {
+        let base = messages_path.file_name()?;
+        segment_id(base.as_bytes(), name.as_bytes())
+    });
+    // An old messages file beside segments: which is the truth is the
+    // operator's call, not a repair's.
+    if damaged_id.is_none() && !list_segments(messages_path, &dir)?.is_empty() {
+        return Err(SegmentError::Damaged {
+            path,
+            offset,
+            reason,
+        });
+    }
+    let mut saved = Vec::new();
+    if offset > 0 || damaged_id.is_none() {
+        saved.push(store::repair(&path, offset, unix_time).map_err(io_error("repair", &path))?);
+    } else {
+        fs::rename(&path, aside(&path)).map_err(io_error("rename", &path))?;
+        saved.push(aside(&path));
+    }
+    if let Some(damaged_id) = damaged_id {
+        for (id, later) in list_segments(messages_path, &dir)? {
+            if id > damaged_id {
+                fs::rename(&later, aside(&later)).map_err(io_error("rename", &later))?;
+                saved.push(aside(&later));
+            }
+        }
+    }
+    sync_dir(&Disk::real(), &dir)?;
+    Ok(saved)
 }
 
 #[cfg(test)]
@@ -1911,5 +1974,102 @@ mod tests {
         let (log, report) = open(&dir.messages(), 100);
         assert_eq!(report.torn.unwrap().bytes, 3);
         assert_eq!(log.next_id(), 6);
+    }
+
+    #[test]
+    fn repair_keeps_the_records_before_the_damage_and_moves_the_rest_aside() {
+        let dir = TempDir::new("repair");
+        let (mut log, _) = open(&dir.messages(), 100);
+        fill(&mut log, 60);
+        let spans: Vec<(PathBuf, u64)> = log
+            .segments
+            .iter()
+            .map(|s| (s.path.clone(), s.next_id))
+            .collect();
+        drop(log);
+        let originals: Vec<Vec<u8>> = spans.iter().map(|(p, _)| fs::read(p).unwrap()).collect();
+        let mut damaged = originals[2].clone();
+        damaged.extend_from_slice(b"####");
+        fs::write(&spans[2].0, &damaged).unwrap();
+        let saved = repair(&dir.messages(), MAX, 77).unwrap();
+        let aside = |p: &Path| PathBuf::from(format!("{}.corrupt-77", p.display()));
+        let want: Vec<PathBuf> = spans[2..].iter().map(|(p, _)| aside(p)).collect();
+        assert_eq!(saved, want);
+        assert_eq!(
+            fs::read(&saved[0]).unwrap(),
+            damaged,
+            "the damaged segment, whole"
+        );
+        for (path, original) in saved[1..].iter().zip(&originals[3..]) {
+            assert_eq!(
+                &fs::read(path).unwrap(),
+                original,
+                "a later segment, renamed"
+            );
+        }
+        assert_eq!(
+            fs::read(&spans[2].0).unwrap(),
+            originals[2],
+            "its valid records stay"
+        );
+        let (log, report) = open(&dir.messages(), 100);
+        assert_eq!(report, OpenReport::default());
+        assert_eq!((log.first_id(), log.next_id()), (1, spans[2].1));
+        check_reads_from(&log, 1, 4);
+        assert!(
+            repair(&dir.messages(), MAX, 78).unwrap().is_empty(),
+            "nothing left to repair"
+        );
+    }
+
+    #[test]
+    fn repair_of_a_gap_or_a_bad_first_byte_renames_from_there_on() {
+        let dir = TempDir::new("repair-gap");
+        let (mut log, _) = open(&dir.messages(), 100);
+        fill(&mut log, 60);
+        let spans: Vec<(PathBuf, u64, u64)> = log
+            .segments
+            .iter()
+            .map(|s| (s.path.clone(), s.first_id, s.next_id))
+            .collect();
+        drop(log);
+        fs::remove_file(&spans[4].0).unwrap();
+        let saved = repair(&dir.messages(), MAX, 5).unwrap();
+        assert_eq!(saved.len(), spans.len() - 5);
+        let (log, _) = open(&dir.messages(), 100);
+        assert_eq!(log.next_id(), spans[4].1);
+        // The first byte of a segment: nothing in it to keep, renamed.
+        let mut bytes = fs::read(&spans[2].0).unwrap();
+        bytes[0] = b'#';
+        fs::write(&spans[2].0, &bytes).unwrap();
+        let saved = repair(&dir.messages(), MAX, 6).unwrap();
+        assert_eq!(
+            saved[0],
+            PathBuf::from(format!("{}.corrupt-6", spans[2].0.display()))
+        );
+        assert_eq!(fs::read(&saved[0]).unwrap(), bytes);
+        assert!(!spans[2].0.exists());
+        let (log, _) = open(&dir.messages(), 100);
+        assert_eq!((log.next_id(), log.segment_count()), (spans[2].1, 2));
+        check_reads_from(&log, 1, 3);
+    }
+
+    #[test]
+    fn repair_of_an_old_file_then_carries_it_over() {
+        let dir = TempDir::new("repair-old");
+        fs::write(dir.messages(), b"garbage\n").unwrap();
+        let saved = repair(&dir.messages(), MAX, 9).unwrap();
+        assert_eq!(fs::read(&saved[0]).unwrap(), b"garbage\n");
+        let (log, report) = open(&dir.messages(), 100);
+        assert_eq!(report.upgraded.unwrap().to, None);
+        assert_eq!(log.segment_count(), 0);
+        // Beside segments, an old file is not repaired but refused.
+        fs::write(dir.messages(), b"garbage\n").unwrap();
+        fs::write(segment_path(&dir.messages(), 1), encoded(1, 2)).unwrap();
+        assert!(
+            damage_at(repair(&dir.messages(), MAX, 10).unwrap_err())
+                .2
+                .contains("both there")
+        );
     }
 }
