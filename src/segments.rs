@@ -520,6 +520,35 @@ fn carry_over(
     }))
 }
 
+/// What a scan of one segment must show at open: a clean end (or a torn
+/// tail, on the last segment only, which open cuts) and a first record
+/// whose id is the one the file's name says.
+fn check_scanned(
+    path: &Path,
+    first_id: u64,
+    last: bool,
+    scan: &store::Scan,
+) -> Result<(), SegmentError> {
+    match &scan.tail {
+        Tail::Clean => {}
+        Tail::Torn { .. } if last => {}
+        Tail::Torn { bytes } => {
+            let reason =
+                format!("{bytes} bytes of a torn record in a segment that is not the last");
+            return Err(damaged(path, scan.valid_len, reason));
+        }
+        Tail::Damaged { offset, reason } => return Err(damaged(path, *offset, reason.clone())),
+    }
+    match scan.first_id {
+        Some(id) if id != first_id => {
+            let reason =
+                format!("the first record is message id {id}, the file's name says {first_id}");
+            Err(damaged(path, 0, reason))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Builds the sparse index of the first `valid_len` bytes of a segment,
 /// which [`store::scan`] has checked: only the headers are read again.
 fn build_index(
@@ -644,23 +673,7 @@ impl SegmentLog {
             store::ScanError::Io(source) => io_error("read", &path)(source),
         })?;
         let valid_len = scan.valid_len;
-        match scan.tail {
-            Tail::Clean => {}
-            Tail::Torn { .. } if last => {}
-            Tail::Torn { bytes } => {
-                let reason =
-                    format!("{bytes} bytes of a torn record in a segment that is not the last");
-                return Err(damaged(&path, valid_len, reason));
-            }
-            Tail::Damaged { offset, reason } => return Err(damaged(&path, offset, reason)),
-        }
-        if let Some(id) = scan.first_id
-            && id != first_id
-        {
-            let reason =
-                format!("the first record is message id {id}, the file's name says {first_id}");
-            return Err(damaged(&path, 0, reason));
-        }
+        check_scanned(&path, first_id, last, &scan)?;
         let index = build_index(&file, &path, valid_len, first_id)?;
         if let Tail::Torn { bytes } = scan.tail {
             self.disk
