@@ -46,9 +46,10 @@ use crate::text::parse_u64;
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// An index entry at least every this many records...
 pub const INDEX_EVERY_RECORDS: u64 = 4096;
-/// ...or every this many bytes, whichever comes first (Kafka's `.index`
-/// keeps one per 4 KiB; ours only bounds the walk from an entry to the id
-/// wanted, a few hundred microseconds from the page cache).
+/// ...or every this many bytes, whichever comes first. Kafka's `.index`
+/// keeps one per 4 KiB; ours is coarser because it only bounds the walk
+/// from an entry to the id wanted (at most this many records or bytes of
+/// headers, read in 64 KiB chunks), and it must stay small in memory.
 pub const INDEX_EVERY_BYTES: u64 = 1024 * 1024;
 /// Bytes read at a time by scans and reads.
 const READ_CHUNK: usize = 64 * 1024;
