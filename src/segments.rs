@@ -2086,4 +2086,119 @@ mod tests {
                 .contains("both there")
         );
     }
+
+    /// A small deterministic generator (xorshift), so a failing sequence
+    /// repeats.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// What the log must show after every step: the files on disk are its
+    /// segments, their sizes its bytes, and every record it holds reads
+    /// back as appended.
+    fn check_invariants(dir: &TempDir, log: &SegmentLog, step: usize) {
+        let mut on_disk: Vec<String> = dir
+            .names()
+            .into_iter()
+            .filter(|n| n != "messages.dat.offsets")
+            .collect();
+        on_disk.sort();
+        let listed: Vec<String> = log
+            .segment_paths()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(on_disk, listed, "step {step}");
+        let sizes: u64 = log
+            .segment_paths()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(sizes, log.total_bytes(), "step {step}");
+        let sealed = log.segments.len().saturating_sub(1);
+        assert!(
+            log.segments
+                .iter()
+                .take(sealed)
+                .all(|s| s.next_id > s.first_id),
+            "step {step}"
+        );
+        check_reads_from(log, log.first_id(), 1 + step % 5);
+    }
+
+    #[test]
+    fn random_steps_with_random_faults_keep_the_log_whole() {
+        let dir = TempDir::new("random");
+        let plan = FaultPlan::new();
+        let reopen = |plan: &Arc<FaultPlan>| {
+            plan.clear();
+            SegmentLog::open(&dir.messages(), Disk::with_faults(plan.clone()), 200, MAX)
+                .unwrap()
+                .0
+        };
+        let mut log = reopen(&plan);
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        // Failures seen: appends, syncs, deletes.
+        let mut failed = [0u32; 3];
+        let ops = [
+            DiskOp::Write,
+            DiskOp::Fsync,
+            DiskOp::Rename,
+            DiskOp::Truncate,
+            DiskOp::Remove,
+        ];
+        for step in 0..600 {
+            if rng.below(4) == 0 {
+                plan.fail(ops[rng.below(5) as usize], 1 + rng.below(2), 1);
+            }
+            let next = log.next_id();
+            match rng.below(10) {
+                0..=5 => {
+                    let count = 1 + rng.below(6);
+                    match log.append(&encoded(next, count), next, count) {
+                        Ok(()) => assert_eq!(log.next_id(), next + count),
+                        Err(SegmentError::Broken { .. }) => log = reopen(&plan),
+                        Err(_) => {
+                            failed[0] += 1;
+                            assert_eq!(log.next_id(), next, "step {step}");
+                        }
+                    }
+                }
+                6 => {
+                    if log.sync().is_err() {
+                        failed[1] += 1;
+                        // The caller's answer to a failed fsync.
+                        let to = log.segments.back().map_or(next, |s| s.first_id);
+                        let _ = log.cut_back(to.max(next.saturating_sub(3)));
+                    }
+                }
+                7 | 8 => {
+                    let upto = log.first_id() + rng.below(next - log.first_id() + 1);
+                    if log.delete_before(upto).is_ok() {
+                        let sealed = log.segments.len() - 1;
+                        assert!(
+                            log.segments.iter().take(sealed).all(|s| s.next_id > upto),
+                            "step {step}"
+                        );
+                    }
+                }
+                _ => log = reopen(&plan),
+            }
+            plan.clear();
+            if log.broken {
+                log = reopen(&plan);
+            }
+            check_invariants(&dir, &log, step);
+        }
+        assert!(
+            log.next_id() > 500,
+            "the steps did append: {}",
+            log.next_id()
+        );
+    }
 }
