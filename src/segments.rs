@@ -761,7 +761,10 @@ impl SegmentLog {
     /// active segment, or to a new one when the active segment would grow
     /// past `segment_bytes` (the old one is fdatasynced first). On a failed
     /// write the segment is cut back to its last record; if even that
-    /// fails, the log refuses writes ([`SegmentError::Broken`]).
+    /// fails, the log refuses writes ([`SegmentError::Broken`]). An error
+    /// that names an fsync is the roll's fdatasync of the sealed segment:
+    /// the records before this batch may not be durable, as after a failed
+    /// [`Self::sync`].
     pub fn append(
         &mut self,
         records: &[u8],
