@@ -1636,6 +1636,26 @@ mod tests {
     }
 
     #[test]
+    fn a_last_segment_of_only_a_torn_record_becomes_empty_and_names_the_next_id() {
+        let dir = TempDir::new("torn-only");
+        let (mut log, _) = open(&dir.messages(), 100);
+        fill(&mut log, 30);
+        let count = log.segment_count();
+        drop(log);
+        // A crash after a roll created the file and wrote part of a record.
+        let torn_path = segment_path(&dir.messages(), 30);
+        fs::write(&torn_path, b"30:17000").unwrap();
+        let (mut log, report) = open(&dir.messages(), 100);
+        assert_eq!(report.torn.unwrap().bytes, 8);
+        assert_eq!((log.segment_count(), log.next_id()), (count + 1, 30));
+        assert_eq!(fs::metadata(&torn_path).unwrap().len(), 0);
+        // The empty segment takes the next batch, however large.
+        log.append(&encoded(30, 10), 30, 10).unwrap();
+        assert_eq!(fs::read(&torn_path).unwrap(), encoded(30, 10));
+        consistent(&dir, &log);
+    }
+
+    #[test]
     fn a_torn_or_garbage_tail_of_a_middle_segment_is_damage() {
         for (tail, reason) in [
             (&b"9999:17"[..], "torn record"),
