@@ -933,6 +933,8 @@ impl SegmentLog {
             return Ok(());
         }
         let offset = offset_of(file, segment, next_id)?;
+        // Until the truncate is done, refused records may still be there:
+        // if it fails, nothing more is appended after them.
         self.broken = true;
         self.disk
             .truncate(file, offset)
