@@ -61,6 +61,10 @@ pub struct BrokerConfig {
     pub log_file: PathBuf,
     pub log_level: Level,
     pub repair: bool,
+    /// Cursors (consumer ids) the broker keeps at most.
+    pub max_consumers: usize,
+    /// How long a new connection has to register before it is dropped.
+    pub register_timeout: Duration,
 }
 
 impl BrokerConfig {
@@ -85,6 +89,8 @@ impl BrokerConfig {
             log_file: PathBuf::from("cola_mensajes.log"),
             log_level: Level::Info,
             repair: false,
+            max_consumers: 10_000,
+            register_timeout: Duration::from_secs(10),
         }
     }
 
@@ -101,6 +107,10 @@ pub const MAX_CAPACITY: u64 = 32767;
 pub const MAX_MSG_SIZE: u64 = 1 << 20;
 /// Most connections at once: one pool thread each.
 pub const MAX_CLIENTS: u64 = 4096;
+/// Most cursors: each costs a map entry and a line in the offsets file,
+/// which is rewritten whole about once a second, so a million is the most
+/// that stays cheap.
+pub const MAX_CONSUMERS: u64 = 1_000_000;
 
 pub const BROKER_USAGE: &str = "\
 usage: broker [OPTIONS] <messages_file>
@@ -126,6 +136,8 @@ options:
       --log-file PATH     operations log                      [cola_mensajes.log]
       --log-level L       error, warn, info or debug          [info]
       --repair            start from a damaged messages file, keeping its valid records
+      --max-consumers N   cursors (consumer ids) kept at most     [10000]
+      --register-timeout S seconds a new connection has to register [10]
   -h, --help              print this help
   -V, --version           print the version
 ";
@@ -192,6 +204,12 @@ pub fn parse_broker_args(
                 })?;
             }
             Long("repair") => config.repair = true,
+            Long("max-consumers") => {
+                config.max_consumers = number(&mut parser, "--max-consumers", 1, MAX_CONSUMERS)?
+            }
+            Long("register-timeout") => {
+                config.register_timeout = seconds(&mut parser, "--register-timeout")?
+            }
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             Value(value) if file.is_none() => file = Some(value.into()),

@@ -363,6 +363,8 @@ pub struct CoreConfig {
     pub ack_wait: Duration,
     /// Ack mode: messages one consumer id may hold unacknowledged.
     pub max_ack_pending: usize,
+    /// Cursors kept at most: a new id past it is refused.
+    pub max_consumers: usize,
 }
 
 /// The shared heart of the broker.
@@ -816,6 +818,12 @@ impl Core {
     ) -> Result<Arc<[u8]>, ErrorCode> {
         let mut state = self.state();
         let state = &mut *state;
+        // A new id past --max-consumers is refused before anything changes
+        // (an assigned id is not used up either).
+        let known = requested.is_some_and(|id| state.cursors.contains_key(id));
+        if !known && state.cursors.len() >= self.config.max_consumers {
+            return Err(ErrorCode::TooManyConsumers);
+        }
         let key: Arc<[u8]> = match requested {
             Some(id) => match state.cursors.get_key_value(id) {
                 Some((key, cursor)) if cursor.is_ack() != ack => {

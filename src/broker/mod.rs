@@ -153,6 +153,7 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
         fsync: config.fsync,
         ack_wait: config.ack_wait,
         max_ack_pending: config.max_ack_pending,
+        max_consumers: config.max_consumers,
     };
     let core = Core::new(core_config, Arc::clone(log), ring, recovered)?;
     // The offsets file now matches what recovery decided (clamped cursors,

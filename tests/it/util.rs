@@ -472,15 +472,39 @@ impl Client {
         text
     }
 
-    /// Whether the broker closed the connection (end of file or reset).
+    /// Whether the broker closed the connection (end of file or reset)
+    /// within the read timeout. A read timeout means the connection is
+    /// still open: `false`, never "closed". A byte that arrives instead is
+    /// a protocol surprise and fails the test.
     pub fn is_closed(&mut self) -> bool {
         let mut byte = [0u8; 1];
-        matches!(self.reader.read(&mut byte), Ok(0) | Err(_))
+        match self.reader.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => panic!(
+                "expected the connection to close, got more data: {:?}",
+                byte[0] as char
+            ),
+            Err(err) if is_timeout(&err) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// The buffered reading side, for tests that read in their own way.
+    pub fn reader(&mut self) -> &mut BufReader<TcpStream> {
+        &mut self.reader
     }
 
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.stream.set_read_timeout(Some(timeout)).unwrap();
     }
+}
+
+/// Whether an I/O error is a read timeout (`WouldBlock` on Unix).
+pub fn is_timeout(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// Polls `check` until it returns true or [`WAIT`] passes.
