@@ -469,10 +469,16 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 /// fsync of the directory. Readers see the old file or the new, never half.
 pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = with_suffix(path, ".tmp");
+    // A temporary file left by a crash (or planted as a symbolic link)
+    // would keep its own mode through the rename: start from a new one, so
+    // the result is 0600 whatever was there.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(context(e, "remove", &tmp)),
+        _ => {}
+    }
     let mut file = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| context(e, "create", &tmp))?;
@@ -482,6 +488,25 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     drop(file);
     fs::rename(&tmp, path).map_err(|e| context(e, "rename over", path))?;
     sync_dir(path)
+}
+
+/// Makes the file at `path` (or the file a symbolic link there points to)
+/// mode 0600 if anyone but its owner may read or write it. Returns the
+/// mode it had when it had to be changed (the caller logs a warning), and
+/// `None` when it was private already or does not exist.
+pub fn make_private(path: &Path) -> io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match fs::metadata(path) {
+        Ok(meta) => meta.permissions().mode() & 0o7777,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(context(e, "stat", path)),
+    };
+    if mode & 0o7077 == 0 {
+        return Ok(None);
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| context(e, "make private (chmod 0600)", path))?;
+    Ok(Some(mode))
 }
 
 /// Reads the offsets file, or the defaults if it does not exist.

@@ -111,6 +111,7 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     // lock before reading it, and refuse keys in use before touching
     // anything.
     let _lock = lock_messages_file(&config.messages_file)?;
+    make_files_private(&config, log)?;
     crate::queue::check_keys(config.shm_key, config.sem_key)?;
     let (recovered, records) = recovery::recover(&config, log).map_err(StartError)?;
     let ring = Ring::create(
@@ -268,15 +269,41 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     }
 }
 
-/// Creates (0600) and locks `<messages file>.lock` for the broker's life.
-fn lock_messages_file(messages: &std::path::Path) -> Result<std::fs::File, StartError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // The lock sits beside the file its name resolves to, so a symbolic
-    // link to the same file finds the same lock.
+/// The lock file: beside the file the messages file's name resolves to,
+/// so a symbolic link to the same file finds the same lock.
+fn lock_path(messages: &std::path::Path) -> std::path::PathBuf {
     let resolved = std::fs::canonicalize(messages).unwrap_or_else(|_| messages.to_path_buf());
     let mut name = resolved.into_os_string();
     name.push(".lock");
-    let path = std::path::PathBuf::from(name);
+    std::path::PathBuf::from(name)
+}
+
+/// The broker's files are created 0600; files that existed with a wider
+/// mode (or links to such files) are tightened, with a warning, since
+/// they hold the messages and who consumed them.
+fn make_files_private(config: &BrokerConfig, log: &Logger) -> Result<(), StartError> {
+    let messages = &config.messages_file;
+    let paths = [
+        messages.clone(),
+        crate::store::offsets_path(messages),
+        lock_path(messages),
+        config.log_file.clone(),
+    ];
+    for path in &paths {
+        if let Some(mode) = crate::store::make_private(path)? {
+            log.warn(format_args!(
+                "{} had mode {mode:04o}, readable or writable by others: changed it to 0600",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Creates (0600) and locks `<messages file>.lock` for the broker's life.
+fn lock_messages_file(messages: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = lock_path(messages);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
