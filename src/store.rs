@@ -509,6 +509,31 @@ pub fn make_private(path: &Path) -> io::Result<Option<u32>> {
     Ok(Some(mode))
 }
 
+/// The file beside the messages file where a running broker records the
+/// ids of its IPC objects (`<messages file>.ipc`), so that the next run
+/// can tell an orphaned semaphore set of its own (which carries no stamp)
+/// from another program's.
+pub fn ipc_ids_path(messages: &Path) -> PathBuf {
+    with_suffix(messages, ".ipc")
+}
+
+/// The segment and semaphore set ids the previous run recorded, if the
+/// file is there and well formed (anything else: none recorded).
+pub fn load_ipc_ids(messages: &Path) -> Option<(i32, i32)> {
+    let bytes = fs::read(ipc_ids_path(messages)).ok()?;
+    let text = std::str::from_utf8(&bytes).ok()?;
+    let mut lines = text.lines();
+    let shm = lines.next()?.strip_prefix("SHM_ID:")?.parse().ok()?;
+    let sem = lines.next()?.strip_prefix("SEM_ID:")?.parse().ok()?;
+    Some((shm, sem))
+}
+
+/// Records the ids of this run's IPC objects (atomically, 0600).
+pub fn save_ipc_ids(messages: &Path, shm_id: i32, sem_id: i32) -> io::Result<()> {
+    let text = format!("SHM_ID:{shm_id}\nSEM_ID:{sem_id}\n");
+    replace_file(&ipc_ids_path(messages), text.as_bytes())
+}
+
 /// Reads the offsets file, or the defaults if it does not exist.
 pub fn load_offsets(messages: &Path, skip_bad: bool) -> io::Result<(Offsets, Vec<usize>)> {
     let path = offsets_path(messages);
@@ -621,6 +646,66 @@ impl MessageFile {
         self.file
             .sync_data()
             .map_err(|e| context(e, "fsync", &self.path))
+    }
+
+    /// The content of record `id`, which starts at byte `offset` and has
+    /// `size` bytes of content: read back from the file and checked (the
+    /// whole record parses, its id and size are those asked for). How the
+    /// broker serves a message whose shared memory slot was overwritten.
+    pub fn read_record_at(&self, offset: u64, id: u64, size: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let len = record_len(id, 0, size) + 20;
+        let end = offset.saturating_add(len).min(self.len);
+        let mut bytes = vec![0u8; end.saturating_sub(offset) as usize];
+        self.file
+            .read_exact_at(&mut bytes, offset)
+            .map_err(|e| context(e, "read", &self.path))?;
+        match parse_record(&bytes, size) {
+            Parsed::Record {
+                id: found, content, ..
+            } if found == id && content.1 - content.0 == size => {
+                Ok(bytes[content.0..content.1].to_vec())
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: record {id} is not at byte offset {offset}",
+                    self.path.display()
+                ),
+            )),
+        }
+    }
+
+    /// Compaction from the file itself: keeps its last `live_bytes` bytes,
+    /// which must be exactly the records `first_id..first_id + count`
+    /// (checked before anything is written), in a new file put in place
+    /// atomically. Nothing from shared memory reaches the disk this way.
+    pub fn rewrite_tail(&mut self, live_bytes: u64, first_id: u64, count: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let start = self.len.checked_sub(live_bytes).ok_or_else(|| {
+            io::Error::other(format!(
+                "{}: {live_bytes} live bytes in a file of {}",
+                self.path.display(),
+                self.len
+            ))
+        })?;
+        let mut bytes = vec![0u8; live_bytes as usize];
+        self.file
+            .read_exact_at(&mut bytes, start)
+            .map_err(|e| context(e, "read", &self.path))?;
+        let check = scan(&bytes[..], usize::MAX, 0, 0).map_err(|ScanError::Io(e)| e)?;
+        let want_last = (count > 0).then(|| first_id + count - 1);
+        let first_ok = count == 0 || check.first_id == Some(first_id);
+        if check.tail != Tail::Clean || !first_ok || check.last_id != want_last {
+            return Err(io::Error::other(format!(
+                "{}: the last {live_bytes} bytes are not the records {first_id}..{};                  not compacted",
+                self.path.display(),
+                first_id + count
+            )));
+        }
+        replace_file(&self.path, &bytes)?;
+        *self = MessageFile::open(&self.path, bytes.len() as u64)?;
+        Ok(())
     }
 
     /// Replaces the file's contents with `records` (compaction): written to

@@ -160,6 +160,29 @@ fn push_notifies(notify: Vec<(Arc<Conn>, u64)>) {
     }
 }
 
+/// The content of message `id` read from the messages file, when its ring
+/// slot cannot be trusted. The records `head..next_id` are the file's last
+/// `live_bytes` bytes, and their lengths are the ring's own (process
+/// memory) records, so the offset of `id` is known without a scan.
+fn content_from_file(
+    (file, live_bytes): (&MessageFile, u64),
+    guard: &crate::queue::RingGuard<'_>,
+    id: u64,
+) -> io::Result<Vec<u8>> {
+    let (head, _) = guard.bounds();
+    let mut offset = file.len().checked_sub(live_bytes).ok_or_else(|| {
+        io::Error::other(format!(
+            "{live_bytes} live bytes in a shorter messages file"
+        ))
+    })?;
+    for before in head..id {
+        let (timestamp, len) = guard.meta(before);
+        offset += store::record_len(before, timestamp, len);
+    }
+    let (_, len) = guard.meta(id);
+    file.read_record_at(offset, id, len)
+}
+
 /// The write lock of a connection, held by its worker for a whole batch.
 pub struct Writer<'a> {
     conn: &'a Conn,
@@ -547,7 +570,13 @@ impl Core {
             let _ = ring.unlock_giving_back(chunk.len());
             return Err(err);
         }
-        ring.push(timestamp, chunk);
+        if let Err(err) = ring.push(timestamp, chunk) {
+            // The ring had no room for what was reserved (its counts were
+            // changed from outside): store nothing.
+            state.file.cut_back(old_len);
+            let _ = ring.unlock_giving_back(chunk.len());
+            return Err(err);
+        }
         if let Err(err) = ring.unlock_pushed(chunk.len()) {
             // The semaphores are gone: keep file and ids as they were.
             state.file.cut_back(old_len);
@@ -695,8 +724,25 @@ impl Core {
                         id,
                         again: redelivery,
                     } => {
+                        let start = out.len();
                         protocol::write_msg_prefix(out, id);
-                        guard.append_content(id, out);
+                        if let Err(mismatch) = guard.append_content(id, out) {
+                            // The slot was overwritten from outside: the
+                            // messages file is the queue of record.
+                            let file = (&state.file, state.live_bytes);
+                            match content_from_file(file, &guard, id) {
+                                Ok(content) => out.extend_from_slice(&content),
+                                Err(err) => {
+                                    self.log.error(format_args!("{mismatch}; and {err}"));
+                                    out.truncate(start);
+                                    ErrorCode::PersistenceFailure.write_line(out);
+                                    continue;
+                                }
+                            }
+                            self.log.error(format_args!(
+                                "{mismatch}; message {id} served from the messages file"
+                            ));
+                        }
                         out.push(b'\n');
                         delivered += 1;
                         again += u64::from(redelivery);
@@ -1030,18 +1076,10 @@ impl Core {
         self.sync.sync_to(last)?;
         store::save_offsets(&self.config.messages_file, &self.snapshot(&state, last))?;
         let (head, next_id) = (state.head, state.next_id);
-        let guard = self.ring.lock()?;
-        let mut records = Vec::with_capacity((next_id - head) as usize);
-        for id in head..next_id {
-            let (timestamp, _) = guard.meta(id);
-            let mut content = Vec::new();
-            guard.append_content(id, &mut content);
-            records.push((id, timestamp, content));
-        }
-        guard.unlock()?;
-        state
-            .file
-            .rewrite(records.iter().map(|(id, ts, c)| (*id, *ts, &c[..])))?;
+        // The live records are the file's last `live_bytes`: copied from
+        // the file, never from shared memory another process may write.
+        let live_bytes = state.live_bytes;
+        state.file.rewrite_tail(live_bytes, head, next_id - head)?;
         state.live_bytes = state.file.len();
         state.offsets_dirty = false;
         let mut sync = lock(&self.sync.state);

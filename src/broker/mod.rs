@@ -112,7 +112,10 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     // anything.
     let _lock = lock_messages_file(&config.messages_file)?;
     make_files_private(&config, log)?;
-    crate::queue::check_keys(config.shm_key, config.sem_key)?;
+    // The set id our previous run recorded: an orphaned set is removed
+    // only if it is that one (a set carries no stamp of its own).
+    let recorded_set = crate::store::load_ipc_ids(&config.messages_file).map(|(_, sem)| sem);
+    crate::queue::check_keys(config.shm_key, config.sem_key, recorded_set)?;
     let (recovered, records) = recovery::recover(&config, log).map_err(StartError)?;
     let ring = Ring::create(
         config.shm_key,
@@ -120,8 +123,11 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
         config.capacity,
         config.max_msg_size,
         recovered.head,
+        recorded_set,
         log,
     )?;
+    let (shm_id, sem_id) = ring.ids();
+    crate::store::save_ipc_ids(&config.messages_file, shm_id, sem_id)?;
     if !records.is_empty() {
         let reserved = ring.reserve(records.len(), Instant::now(), &|| true)?;
         assert_eq!(
@@ -131,12 +137,11 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
         );
         let mut guard = ring.lock()?;
         for record in &records {
-            guard.push(record.timestamp, &[&record.content]);
+            guard.push(record.timestamp, &[&record.content])?;
         }
         guard.unlock_pushed(records.len())?;
     }
     drop(records);
-    let (shm_id, sem_id) = ring.ids();
     log.info(format_args!(
         "queue in shared memory key 0x{:x} (id {shm_id}, {} bytes), semaphores key 0x{:x} (id {sem_id})",
         config.shm_key,
@@ -286,6 +291,7 @@ fn make_files_private(config: &BrokerConfig, log: &Logger) -> Result<(), StartEr
     let paths = [
         messages.clone(),
         crate::store::offsets_path(messages),
+        crate::store::ipc_ids_path(messages),
         lock_path(messages),
         config.log_file.clone(),
     ];

@@ -74,12 +74,12 @@ pub fn fresh_keys() -> (i32, i32) {
 
 /// Removes the IPC objects with these keys, whoever left them.
 pub fn remove_ipc(shm_key: i32, sem_key: i32) {
-    if let Ok(shm::Existing::Orphan { id } | shm::Existing::InUse { id, .. }) =
+    if let Ok(shm::Existing::Orphan { id, .. } | shm::Existing::InUse { id, .. }) =
         shm::inspect(shm_key)
     {
         let _ = shm::remove(id);
     }
-    if let Ok(sem::Existing::Orphan { id } | sem::Existing::InUse { id, .. }) =
+    if let Ok(sem::Existing::Orphan { id, .. } | sem::Existing::InUse { id, .. }) =
         sem::inspect(sem_key)
     {
         let _ = sem::remove(id);
