@@ -127,3 +127,178 @@ fn files_with_a_wider_mode_or_behind_a_link_are_made_0600_with_a_warning() {
         }
     }
 }
+
+#[test]
+fn foreign_ipc_objects_under_our_keys_are_left_alone_and_refused() {
+    use mensajeria::sys::sem::{self, SemaphoreSet};
+    use mensajeria::sys::shm::{self, Segment};
+    let dir = TestDir::new("hostile-foreign-ipc");
+    let mut broker = Broker::start(&dir, &[]);
+    broker.terminate();
+    // From here the guard removes whatever is under the keys, on failure too.
+    let (shm_key, sem_key) = (broker.shm_key, broker.sem_key);
+    let me = std::process::id();
+
+    // Another program's segment of 4096 bytes, nobody attached.
+    drop(Segment::create(shm_key, 4096).unwrap());
+    let err = broker.launch(0).expect_err("must refuse a foreign segment");
+    assert!(err.contains("status exit status: 1"), "{err}");
+    for part in [
+        format!("key 0x{shm_key:x}"),
+        "4096 bytes".to_string(),
+        format!("created by pid {me}"),
+        "--shm-key".to_string(),
+        format!("ipcrm -M 0x{shm_key:x}"),
+    ] {
+        assert!(err.contains(&part), "no {part:?} in:\n{err}");
+    }
+    let shm::Existing::Orphan { id, size: 4096, .. } = shm::inspect(shm_key).unwrap() else {
+        panic!("the foreign segment must be left as it was")
+    };
+    shm::remove(id).unwrap();
+
+    // Another program's set of one semaphore.
+    let set = SemaphoreSet::create(sem_key, &[1]).unwrap();
+    let err = broker.launch(0).expect_err("must refuse a foreign set");
+    assert!(err.contains("status exit status: 1"), "{err}");
+    for part in [
+        format!("key 0x{sem_key:x}"),
+        "1 semaphore(s)".to_string(),
+        "--sem-key".to_string(),
+        format!("ipcrm -S 0x{sem_key:x}"),
+    ] {
+        assert!(err.contains(&part), "no {part:?} in:\n{err}");
+    }
+    assert!(
+        matches!(sem::inspect(sem_key).unwrap(), sem::Existing::InUse { id, nsems: 1, .. } | sem::Existing::Orphan { id, nsems: 1 } if id == set.id()),
+        "the foreign set must be left as it was"
+    );
+    set.remove().unwrap();
+    // Nothing foreign left: it starts, and finds its message file intact.
+    broker.restart();
+}
+
+/// Set for the child process that plays the scribbler: the keys of the
+/// segment and set to attack, and how many rounds.
+const SCRIBBLE_ENV: &str = "MQ_TEST_SCRIBBLE";
+
+/// Not a test of its own: the body of the second process that
+/// [`a_scribbled_segment_is_served_from_the_file_and_never_trusted`]
+/// starts (this test binary, run again with [`SCRIBBLE_ENV`] set). It
+/// attaches the broker's segment and set through the crate's `sys`, as any
+/// process of the same user can, takes the MUTEX like the broker does, and
+/// writes over the header and every slot's id, length and content.
+#[test]
+fn scribbler_child() {
+    use mensajeria::sys::sem::SemaphoreSet;
+    use mensajeria::sys::shm::{Region, Segment};
+    let Ok(spec) = std::env::var(SCRIBBLE_ENV) else {
+        return;
+    };
+    let numbers: Vec<i64> = spec.split(',').map(|n| n.parse().unwrap()).collect();
+    let [shm_key, sem_key, rounds] = numbers[..] else {
+        panic!("bad {SCRIBBLE_ENV}: {spec}")
+    };
+    let segment = Segment::attach(shm_key as i32).unwrap();
+    let len = segment.len();
+    let sems = SemaphoreSet::open(sem_key as i32).unwrap();
+    let region = Region::new(segment, sems, 0, ());
+    for round in 0..rounds as u64 {
+        let guard = region.lock(&[], WAIT).unwrap();
+        // Header: head and next far off, capacity and slot size absurd.
+        for (offset, value) in [(16, u64::MAX), (24, 0), (40, 1 << 62), (48, round)] {
+            guard.write_u64(offset, value);
+        }
+        // Every 8 bytes past the header: ids, timestamps, lengths of 2^63
+        // and content alike get garbage, a newline in every content.
+        let mut offset = 64;
+        while offset + 8 <= len {
+            let value = match (offset / 8 + round as usize) % 3 {
+                0 => 1u64 << 63,
+                1 => u64::from_le_bytes(*b"\nERROR:x"),
+                _ => round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            };
+            guard.write_u64(offset, value);
+            offset += 8;
+        }
+        drop(guard);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs [`scribbler_child`] in a second process against `broker`'s IPC
+/// objects and waits (bounded) for it to finish its rounds.
+fn scribble(broker: &Broker, rounds: u32) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "broker_hostile::scribbler_child",
+            "--nocapture",
+            "-q",
+        ])
+        .env(
+            SCRIBBLE_ENV,
+            format!("{},{},{rounds}", broker.shm_key, broker.sem_key),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish_scribbling(child: std::process::Child) {
+    let output = wait_output(child, WAIT);
+    assert!(
+        output.status.success(),
+        "scribbler failed:\n{}",
+        show(&output)
+    );
+}
+
+#[test]
+fn a_scribbled_segment_is_served_from_the_file_and_never_trusted() {
+    let dir = TestDir::new("hostile-scribble");
+    let mut broker = Broker::start(&dir, &["--capacity", "16", "--max-msg-size", "64"]);
+    let mut p = broker.producer();
+    let mut c = broker.consumer("reader");
+    let content = |id: u64| format!("message {id}: {}", "x".repeat((id % 40) as usize));
+    for id in 1..=10 {
+        p.expect(&format!("SEND:{}", content(id)), &format!("OK:MSG_ID:{id}"));
+    }
+    // Once over everything, then the consumer reads: exact bytes, from the
+    // file, as well-formed lines of the protocol.
+    finish_scribbling(scribble(&broker, 1));
+    for id in 1..=10 {
+        c.send("GET");
+        assert_eq!(c.reply(), format!("MSG:{id}:{}", content(id)));
+    }
+    // Then while it keeps scribbling, the broker stores and serves on.
+    let child = scribble(&broker, 300);
+    for id in 11..=60 {
+        p.expect(&format!("SEND:{}", content(id)), &format!("OK:MSG_ID:{id}"));
+        c.send("GET");
+        assert_eq!(c.reply(), format!("MSG:{id}:{}", content(id)));
+    }
+    finish_scribbling(child);
+    let log = broker.log_text();
+    let key = format!("key 0x{:x}", broker.shm_key);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains(&key) && l.contains("messages file")),
+        "no error naming the key:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    drop((p, c));
+    assert_eq!(broker.terminate().code(), Some(0), "{}", broker.stderr());
+    // The next start works; the file's ids are consecutive, none twice.
+    broker.restart();
+    let mut p = broker.producer();
+    p.expect("SEND:after", "OK:MSG_ID:61");
+    let mut c = broker.consumer("reader");
+    c.expect("GET", "MSG:61:after");
+    let file = std::fs::File::open(&broker.messages).unwrap();
+    let scan = mensajeria::store::scan(file, 64, 0, usize::MAX).unwrap();
+    assert_eq!(scan.tail, mensajeria::store::Tail::Clean);
+    let ids: Vec<u64> = scan.kept.iter().map(|r| r.id).collect();
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+}
