@@ -205,6 +205,88 @@ pub struct Scan {
     /// The largest SIZE among the kept records.
     pub kept_max_size: usize,
     pub tail: Tail,
+    /// With a damaged tail: whether a whole record with a later id than
+    /// the last valid one starts somewhere after the damage (at a line
+    /// start). Without one, the damage may be what a power cut leaves
+    /// (see [`power_cut_tail`]).
+    pub records_after_damage: bool,
+}
+
+/// The rule for a power cut (docs/operations.md, "Power cut"): bytes
+/// after the last valid record, with no valid record after them, are a
+/// torn tail when the records kept still reach everything the offsets
+/// file says is durable: its NEXT_ID (`durable_next_id`) is never ahead of
+/// fsynced records, so if the kept records reach `durable_next_id - 1`
+/// (or, with none kept, the offsets' `head` says nothing before it is
+/// needed), whatever followed was never acknowledged under `always` and
+/// never covered by a saved offset. Anything else is damage.
+pub fn power_cut_tail(scan: &Scan, durable_next_id: u64, head: u64) -> bool {
+    if !matches!(scan.tail, Tail::Damaged { .. }) || scan.records_after_damage {
+        return false;
+    }
+    let reached = scan.last_id.unwrap_or(head.saturating_sub(1));
+    reached.saturating_add(1) >= durable_next_id
+}
+
+/// Reads on from damage at the start of `window` (which the scan already
+/// holds; `zeros_from` is where the bad byte is) to the end of the file.
+/// Returns the bytes from the damage to the end, whether they are all
+/// zeros from the bad byte on, and whether a whole record with an id past
+/// `after` starts at a line start in them. Memory is bounded by one
+/// record plus a read chunk.
+fn look_past_damage(
+    mut window: Vec<u8>,
+    zeros_from: usize,
+    mut reader: impl Read,
+    mut eof: bool,
+    max_msg_size: usize,
+    after: Option<u64>,
+) -> Result<(u64, bool, bool), ScanError> {
+    let mut total = window.len() as u64;
+    let mut zeros_only = window[zeros_from.min(window.len())..]
+        .iter()
+        .all(|&b| b == 0);
+    // The first index that may start a record: right after a newline, and
+    // never the damaged record itself at 0.
+    let mut next = 1;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let mut need_more = false;
+        while next < window.len() {
+            if window[next - 1] != b'\n' {
+                next += 1;
+                continue;
+            }
+            match parse_record(&window[next..], max_msg_size) {
+                Parsed::Record { id, .. } if after.is_none_or(|last| id > last) => {
+                    return Ok((total, false, true));
+                }
+                Parsed::Incomplete if !eof => {
+                    need_more = true;
+                    break;
+                }
+                _ => next += 1,
+            }
+        }
+        if eof && !need_more {
+            return Ok((total, zeros_only, false));
+        }
+        // Keep the newline before the next candidate, drop what is done.
+        let keep_from = (next - 1).min(window.len());
+        window.drain(..keep_from);
+        next -= keep_from;
+        let n = loop {
+            match reader.read(&mut chunk) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ScanError::Io(e)),
+            }
+        };
+        eof = n == 0;
+        zeros_only &= chunk[..n].iter().all(|&b| b == 0);
+        total += n as u64;
+        window.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// An error that stops a scan.
@@ -235,6 +317,7 @@ pub fn scan(
         valid_len: 0,
         kept_max_size: 0,
         tail: Tail::Clean,
+        records_after_damage: false,
     };
     loop {
         match parse_record(&buf[start..], max_msg_size) {
@@ -255,6 +338,17 @@ pub fn scan(
                     }
                 };
                 if let Some(reason) = bad {
+                    let (_, _, after) = look_past_damage(
+                        buf[start..].to_vec(),
+                        usize::MAX,
+                        reader,
+                        eof,
+                        max_msg_size,
+                        result.last_id,
+                    )?;
+                    // A record that skips ids is itself one after the damage.
+                    let skips = result.last_id.is_some_and(|last| id > last + 1);
+                    result.records_after_damage = after || skips;
                     result.tail = Tail::Damaged {
                         offset: file_offset,
                         reason,
@@ -303,28 +397,25 @@ pub fn scan(
             }
             Parsed::Invalid { reason, at } => {
                 // Zeros from the bad byte to the end of the file are what a
-                // crash leaves after a torn write; anything else is damage.
-                let mut zeros_only = buf[start + at..].iter().all(|&b| b == 0);
-                let mut rest = (buf.len() - start) as u64;
-                let mut spare = [0u8; 8192];
-                while zeros_only && !eof {
-                    let n = match reader.read(&mut spare) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(ScanError::Io(e)),
-                    };
-                    eof = n == 0;
-                    zeros_only = spare[..n].iter().all(|&b| b == 0);
-                    rest += n as u64;
-                }
-                result.tail = if zeros_only {
-                    Tail::Torn { bytes: rest }
+                // crash leaves after a torn write; anything else is damage
+                // (which may still be a power cut's: see power_cut_tail).
+                let (rest, zeros_only, after) = look_past_damage(
+                    buf[start..].to_vec(),
+                    at,
+                    reader,
+                    eof,
+                    max_msg_size,
+                    result.last_id,
+                )?;
+                if zeros_only {
+                    result.tail = Tail::Torn { bytes: rest };
                 } else {
-                    Tail::Damaged {
+                    result.records_after_damage = after;
+                    result.tail = Tail::Damaged {
                         offset: file_offset,
                         reason: reason.to_string(),
-                    }
-                };
+                    };
+                }
                 return Ok(result);
             }
         }
@@ -913,6 +1004,58 @@ mod tests {
             "only {repaired} flips were damage"
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_power_cut_tail_is_told_from_damage_by_what_follows_and_what_was_durable() {
+        let (bytes, _, ends) = sample(12);
+        let mut noise = 0x2545_f491_4f6c_dd1d_u64;
+        for cut in 0..=bytes.len() {
+            let whole = ends.iter().filter(|&&end| end <= cut as u64).count() as u64;
+            for garbage in 0..3 {
+                let mut input = bytes[..cut].to_vec();
+                for _ in 0..(garbage * 50 + 1) {
+                    noise ^= noise << 13;
+                    noise ^= noise >> 7;
+                    noise ^= noise << 17;
+                    // Random bytes, a '#' first so the tail is never all zeros.
+                    input.push(if input.len() == cut {
+                        b'#'
+                    } else {
+                        noise as u8
+                    });
+                }
+                let result = scan_all(&input);
+                if !matches!(result.tail, Tail::Damaged { .. }) {
+                    continue;
+                }
+                assert!(!result.records_after_damage, "cut {cut}");
+                // Random bytes may by chance complete the cut record (the
+                // format has no checksum), never lose a whole one.
+                let last = result.last_id.unwrap_or(0);
+                assert!(last >= whole, "cut {cut}");
+                // Durable up to the last record kept: a power cut's tail.
+                assert!(power_cut_tail(&result, last + 1, 0), "cut {cut}");
+                // The offsets counted one more record as stored: damage.
+                assert!(!power_cut_tail(&result, last + 2, 0), "cut {cut}");
+            }
+        }
+        // Garbage in the middle, records after it: damage, however durable.
+        let mut input = bytes[..ends[3] as usize].to_vec();
+        input.extend_from_slice(b"#garbage\n");
+        input.extend_from_slice(&bytes[ends[4] as usize..]);
+        let result = scan_all(&input);
+        assert!(matches!(result.tail, Tail::Damaged { offset, .. } if offset == ends[3]));
+        assert!(result.records_after_damage);
+        assert!(!power_cut_tail(&result, 0, 0));
+        // A record whose id skips ahead is damage with a record after it.
+        let mut input = bytes[..ends[3] as usize].to_vec();
+        input.extend_from_slice(&bytes[ends[5] as usize..]);
+        assert!(scan_all(&input).records_after_damage);
+        // Nothing valid at all, and the offsets need nothing before id 5.
+        let result = scan_all(b"\x01\x02garbage");
+        assert!(power_cut_tail(&result, 5, 5));
+        assert!(!power_cut_tail(&result, 6, 5));
     }
 
     #[test]

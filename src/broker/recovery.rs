@@ -21,6 +21,11 @@ use crate::config::{BrokerConfig, MAX_MSG_SIZE};
 use crate::log::Logger;
 use crate::store::{self, MessageFile, Record, ScanError, Tail};
 
+/// The messages file's length, for a log line (0 if it cannot be read).
+fn scan_len(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
 /// Reads both files and returns the state to start from and the records
 /// (ids `head..next_id`) to load into the queue. The error is the whole
 /// message to print.
@@ -77,6 +82,17 @@ pub fn recover(
              left by an interrupted write",
             scan.valid_len
         )),
+        Tail::Damaged { offset, reason }
+            if store::power_cut_tail(&scan, offsets.next_id, offsets.head) =>
+        {
+            // What a power cut leaves past the last fsync: never needs --repair.
+            log.warn(format_args!(
+                "messages file {shown}: cut {} bytes after the last valid record at byte \
+                 offset {offset} ({reason}); no record follows them and every message the \
+                 offsets file counts as stored is kept: left by a power cut",
+                scan_len(path).saturating_sub(scan.valid_len)
+            ))
+        }
         Tail::Damaged { offset, reason } => {
             let records = scan
                 .last_id

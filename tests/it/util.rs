@@ -444,6 +444,16 @@ impl Client {
         line
     }
 
+    /// The next line, or `None` once the connection is closed or broken
+    /// (for tests that kill the broker under a client).
+    pub fn try_line(&mut self) -> Option<String> {
+        let mut line = Vec::new();
+        match self.reader.read_until(b'\n', &mut line) {
+            Ok(_) if line.pop() == Some(b'\n') => Some(String::from_utf8_lossy(&line).into_owned()),
+            _ => None,
+        }
+    }
+
     /// The next line, which must be UTF-8.
     pub fn line(&mut self) -> String {
         String::from_utf8(self.line_bytes()).unwrap()
