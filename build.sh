@@ -18,7 +18,27 @@ build() {
     echo "built: bin/broker bin/producer bin/consumer"
 }
 
+# Makes sure command $1 (from Debian package $2) is there for the tests:
+# installs it with apt-get when missing and we are root, and otherwise
+# fails naming the package. Tests never skip for want of a tool.
+ensure_tool() {
+    local tool=$1 package=$2
+    command -v "$tool" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "tests need $tool: installing the Debian package $package"
+        if ! { apt-get install -y -q "$package" >/dev/null 2>&1 ||
+            { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$package" >/dev/null 2>&1; }; }; then
+            echo "cannot install $package; install it by hand: apt-get install $package" >&2
+            return 1
+        fi
+        command -v "$tool" >/dev/null 2>&1 && return 0
+    fi
+    echo "tests need $tool: install the Debian package $package (apt-get install $package)" >&2
+    return 1
+}
+
 run_tests() {
+    ensure_tool strace strace
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
     local log status=0

@@ -22,9 +22,11 @@
 #![deny(unsafe_code)]
 
 pub mod broker;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod consumer;
+pub mod disk;
 pub mod log;
 pub mod pool;
 pub mod producer;
@@ -33,3 +35,4 @@ pub mod queue;
 pub mod store;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod text;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::client::{
     self, Backoff, ClientError, Connection, Endpoint, REPLY_TIMEOUT, connect_with_retry,
 };
-use crate::protocol::{self, ErrorCode, Reply};
+use crate::protocol::{self, Command, ErrorCode, Reply};
 
 /// What the command line asked for.
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ pub const MAX_WINDOW: u64 = 4096;
 const STDIN_AHEAD: usize = 1024;
 /// Longest input line kept: the largest message any broker accepts. A
 /// longer line is reported and skipped, not held in memory.
-const MAX_INPUT_LINE: usize = crate::config::MAX_MSG_SIZE as usize;
+const MAX_INPUT_LINE: usize = protocol::MAX_MSG_SIZE_LIMIT as usize;
 
 #[derive(Debug)]
 struct Message {
@@ -225,9 +225,7 @@ impl Sender {
                 let Some(mut message) = self.waiting.pop_front() else {
                     break;
                 };
-                conn.out.extend_from_slice(b"SEND:");
-                conn.out.extend_from_slice(&message.content);
-                conn.out.push(b'\n');
+                conn.queue(&Command::Send(&message.content));
                 message.sent_at = now;
                 if message.attempts == 0 {
                     self.sent += 1;
@@ -306,7 +304,7 @@ impl Sender {
                             self.heartbeat.as_millis()
                         );
                     }
-                    let why = format!("ERROR:{}", String::from_utf8_lossy(text));
+                    let why = format!("the broker said {}", String::from_utf8_lossy(text));
                     self.lose_connection(&why);
                     return Ok(());
                 }
@@ -347,8 +345,8 @@ impl Sender {
                     let attempts = self.retry_backoff.attempts();
                     if attempts == 1 || attempts.is_multiple_of(10) {
                         eprintln!(
-                            "producer: broker said ERROR:{}; retrying in {} ms",
-                            String::from_utf8_lossy(text),
+                            "producer: broker said {}; retrying in {} ms",
+                            protocol::reply_text(&Reply::Error(None, text)),
                             wait.as_millis()
                         );
                     }

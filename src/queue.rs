@@ -779,6 +779,27 @@ impl RingGuard<'_> {
         )))
     }
 
+    /// Drops the newest `n` messages (their fsync failed and nobody saw
+    /// them), then releases the MUTEX, moving their slots from FULL to
+    /// EMPTY.
+    pub fn unlock_dropping_newest(mut self, n: usize) -> io::Result<()> {
+        let (head, next) = self.bounds();
+        assert!(n as u64 <= next - head, "drop {n} of {}", next - head);
+        let next = next - n as u64;
+        self.inner.local().next = next;
+        // For `ipcs`-side readers only: never read back.
+        self.inner.write_u64(H_NEXT, next);
+        let full = count_op(FULL, -(n as i64), NOWAIT);
+        let empty = count_op(EMPTY, n as i64, 0);
+        if self.unlock_with(&[full, empty])? {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "semaphore FULL (key 0x{:x}) below the ring's count: changed by another process?",
+            self.ring.sems().key()
+        )))
+    }
+
     /// Releases the MUTEX and gives back `n` reserved slots not used.
     pub fn unlock_giving_back(mut self, n: usize) -> io::Result<()> {
         self.unlock_with(&[count_op(EMPTY, n as i64, 0)]).map(drop)

@@ -15,8 +15,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::Shared;
-use super::core::{Conn, Writer, lock};
-use crate::protocol::{self, ErrorCode, Line, LineReader, Request};
+use super::conn::{Conn, Writer};
+use crate::protocol::{self, ErrorCode, Line, LineReader, Reply, Request};
 use crate::sys::os;
 
 /// Size of a connection's read buffer: many pipelined requests per read.
@@ -30,7 +30,7 @@ const MAX_RUN_BYTES: usize = 256 * 1024;
 enum Role {
     None,
     Producer,
-    Consumer(Arc<[u8]>),
+    Consumer,
 }
 
 #[derive(PartialEq, Eq)]
@@ -62,7 +62,7 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
             return;
         }
     };
-    lock(&shared.conns).insert(conn_id, Arc::clone(&conn));
+    shared.core.conns.insert(Arc::clone(&conn));
     shared
         .core
         .counters
@@ -88,13 +88,8 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
     let end = session.run(stream);
     session.finish(&end);
 
-    if let Role::Consumer(key) = &session.role {
-        shared.core.unregister_consumer(&conn, key);
-        shared
-            .core
-            .counters
-            .consumers
-            .fetch_sub(1, Ordering::Relaxed);
+    if let Role::Consumer = &session.role {
+        shared.core.unregister_consumer(&conn);
     }
     if let Role::Producer = session.role {
         shared
@@ -103,7 +98,7 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
             .producers
             .fetch_sub(1, Ordering::Relaxed);
     }
-    lock(&shared.conns).remove(&conn_id);
+    shared.core.conns.remove(conn_id);
     let _ = os::shutdown(&conn.stream);
     shared
         .core
@@ -241,11 +236,9 @@ impl Session<'_> {
         result
     }
 
+    /// Answers a batch of lines; runs of SENDs, ACKs and GETs go to the
+    /// core as one call each.
     fn handle(&mut self, lines: &[Line], writer: &mut Writer<'_>) -> Flow {
-        let max_msg_size = self.shared.config.max_msg_size;
-        let max_run = (MAX_RUN_BYTES / (max_msg_size + 32)).max(1);
-        let shared = self.shared;
-        let core = &shared.core;
         let mut i = 0;
         while i < lines.len() {
             if self.out.len() >= OUT_FLUSH && self.flush(writer).is_err() {
@@ -260,75 +253,98 @@ impl Session<'_> {
                 Line::Complete(range) => range.clone(),
             };
             let request = protocol::parse_request(self.reader.bytes(range));
-            match (&request, &self.role) {
-                (Request::Send(content), Role::Producer) => {
-                    let mut contents: Vec<&[u8]> = Vec::new();
-                    for line in &lines[i..] {
-                        let Line::Complete(range) = line else { break };
-                        let Request::Send(content) =
-                            protocol::parse_request(self.reader.bytes(range.clone()))
-                        else {
-                            break;
-                        };
-                        if protocol::check_content(content, max_msg_size).is_err()
-                            || contents.len() >= max_run
-                        {
-                            break;
-                        }
-                        contents.push(content);
-                    }
-                    if contents.is_empty() {
-                        if let Err(code) = protocol::check_content(content, max_msg_size) {
-                            code.write_line(&mut self.out);
-                        }
-                        i += 1;
-                    } else {
-                        i += contents.len();
-                        let stopping = || shared.shutting_down.load(Ordering::Acquire);
-                        core.send_batch(&contents, &mut self.out, &stopping);
-                    }
-                }
-                (Request::Ack(_), Role::Consumer(key)) => {
-                    let mut ids = Vec::new();
-                    for line in lines[i..].iter().take(max_run) {
-                        let Line::Complete(range) = line else { break };
-                        match protocol::parse_request(self.reader.bytes(range.clone())) {
-                            Request::Ack(id) => ids.push(id),
-                            _ => break,
-                        }
-                    }
-                    let key = Arc::clone(key);
-                    core.ack_batch(&key, &ids, &mut self.out);
-                    i += ids.len();
-                }
-                (Request::Get, Role::Consumer(key)) => {
-                    let count = lines[i..]
-                        .iter()
-                        .take(max_run)
-                        .take_while(|line| match line {
-                            Line::Complete(range) => self.reader.bytes(range.clone()) == b"GET",
-                            Line::TooLong => false,
-                        })
-                        .count();
-                    let key = Arc::clone(key);
-                    core.get_batch(&self.conn, &key, count, &mut self.out);
-                    i += count;
-                }
+            i += match (&request, &self.role) {
+                (Request::Send(_), Role::Producer) => self.send_run(&lines[i..]),
+                (Request::Ack(_), Role::Consumer) => self.ack_run(&lines[i..]),
+                (Request::Get, Role::Consumer) => self.get_run(&lines[i..]),
                 _ => {
-                    i += 1;
-                    let flow =
-                        handle_one(shared, &self.conn, &mut self.role, &mut self.out, request);
-                    if flow == Flow::Close {
+                    let (shared, conn) = (self.shared, &self.conn);
+                    if handle_one(shared, conn, &mut self.role, &mut self.out, request)
+                        == Flow::Close
+                    {
                         return Flow::Close;
                     }
+                    1
                 }
-            }
+            };
         }
         Flow::Continue
     }
+
+    /// Most requests one core call answers, so one batch cannot build a
+    /// reply buffer much past [`OUT_FLUSH`].
+    fn max_run(&self) -> usize {
+        (MAX_RUN_BYTES / (self.shared.config.max_msg_size + 32)).max(1)
+    }
+
+    /// Stores the run of valid SENDs at the start of `lines` (or answers
+    /// the first one's error). Returns how many lines it answered.
+    fn send_run(&mut self, lines: &[Line]) -> usize {
+        let max_msg_size = self.shared.config.max_msg_size;
+        let mut contents: Vec<&[u8]> = Vec::new();
+        for line in lines.iter().take(self.max_run()) {
+            match request_at(&self.reader, line) {
+                Some(Request::Send(content))
+                    if protocol::check_content(content, max_msg_size).is_ok() =>
+                {
+                    contents.push(content)
+                }
+                _ => break,
+            }
+        }
+        if contents.is_empty() {
+            if let Some(Request::Send(content)) = request_at(&self.reader, &lines[0])
+                && let Err(code) = protocol::check_content(content, max_msg_size)
+            {
+                code.write_line(&mut self.out);
+            }
+            return 1;
+        }
+        let shared = self.shared;
+        let stopping = || shared.shutting_down.load(Ordering::Acquire);
+        shared
+            .core
+            .send_batch(&contents, &mut replies(&mut self.out), &stopping);
+        contents.len()
+    }
+
+    /// Answers the run of ACKs at the start of `lines`.
+    fn ack_run(&mut self, lines: &[Line]) -> usize {
+        let ids: Vec<Option<u64>> = lines
+            .iter()
+            .take(self.max_run())
+            .map_while(|line| match request_at(&self.reader, line) {
+                Some(Request::Ack(id)) => Some(id),
+                _ => None,
+            })
+            .collect();
+        let core = &self.shared.core;
+        core.ack_batch(&self.conn, &ids, &mut replies(&mut self.out));
+        ids.len()
+    }
+
+    /// Answers the run of GETs at the start of `lines`.
+    fn get_run(&mut self, lines: &[Line]) -> usize {
+        let count = lines
+            .iter()
+            .take(self.max_run())
+            .take_while(|line| request_at(&self.reader, line) == Some(Request::Get))
+            .count();
+        let core = &self.shared.core;
+        core.get_batch(&self.conn, count, &mut replies(&mut self.out));
+        count
+    }
 }
 
-/// Every request but a producer's SEND and a consumer's GET.
+/// The request on `line`, if it is a complete line.
+fn request_at<'b>(reader: &'b LineReader, line: &Line) -> Option<Request<'b>> {
+    match line {
+        Line::Complete(range) => Some(protocol::parse_request(reader.bytes(range.clone()))),
+        Line::TooLong => None,
+    }
+}
+
+/// Every request but a producer's SEND and a consumer's GET and ACK.
 fn handle_one(
     shared: &Shared,
     conn: &Arc<Conn>,
@@ -338,50 +354,61 @@ fn handle_one(
 ) -> Flow {
     let core = &shared.core;
     let registered = !matches!(role, Role::None);
+    let reply = |out: &mut Vec<u8>, reply: Reply<'_>| protocol::encode_reply(out, &reply);
     if !registered && !request.allowed_before_registration() {
-        ErrorCode::NotRegistered.write_line(out);
+        reply(out, Reply::error(ErrorCode::NotRegistered));
         return Flow::Continue;
     }
     match request {
         Request::RegisterProducer | Request::RegisterConsumer { .. } if registered => {
-            ErrorCode::AlreadyRegistered.write_line(out);
+            reply(out, Reply::error(ErrorCode::AlreadyRegistered));
         }
         Request::RegisterProducer => {
             *role = Role::Producer;
             core.counters.producers.fetch_add(1, Ordering::Relaxed);
-            out.extend_from_slice(b"OK:PRODUCER\n");
+            reply(out, Reply::Producer);
             core.log.info(format_args!(
                 "connection {} registered as producer",
                 conn.id
             ));
         }
-        Request::RegisterConsumer { id, ack } => match core.register_consumer(conn, id, ack, out) {
-            Ok(key) => {
-                core.counters.consumers.fetch_add(1, Ordering::Relaxed);
-                *role = Role::Consumer(key);
+        Request::RegisterConsumer { id, ack } => {
+            let registered = core.register_consumer(conn, id, ack, &mut replies(out));
+            match registered {
+                Ok(_) => *role = Role::Consumer,
+                Err(code) => reply(out, Reply::error(code)),
             }
-            Err(code) => code.write_line(out),
-        },
+        }
         Request::Send(_) | Request::Get | Request::Ack(_) => {
             // A producer's SEND and a consumer's GET and ACK are handled in
             // batches; what reaches here is the wrong role.
-            ErrorCode::NotAllowed.write_line(out);
+            reply(out, Reply::error(ErrorCode::NotAllowed));
         }
-        Request::Heartbeat => out.extend_from_slice(b"OK:HEARTBEAT\n"),
-        Request::Stats => core.stats_line(out),
-        Request::Auth(_) => out.extend_from_slice(b"OK:AUTH\n"),
+        Request::Heartbeat => reply(out, Reply::Heartbeat),
+        Request::Stats => {
+            let mut body = Vec::with_capacity(512);
+            protocol::encode_stats(&mut body, &core.stats());
+            reply(out, Reply::Stats(&body));
+        }
+        Request::Auth(_) => reply(out, Reply::Auth),
         Request::Quit => {
-            out.extend_from_slice(b"OK:BYE\n");
+            reply(out, Reply::Bye);
             return Flow::Close;
         }
-        Request::Invalid(code) => code.write_line(out),
+        Request::Invalid(code) => reply(out, Reply::error(code)),
     }
     Flow::Continue
 }
 
+/// The sink the core answers into: each typed reply encoded onto `out`.
+fn replies(out: &mut Vec<u8>) -> impl FnMut(Reply<'_>) + '_ {
+    move |reply| protocol::encode_reply(out, &reply)
+}
+
 /// Sets the read timeout if it differs from `current`; returns the new one.
 fn set_timeout(stream: &TcpStream, wanted: Duration, current: Duration) -> Duration {
-    // A zero timeout means "block forever" to std, so never pass it.
+    // std refuses a zero Duration (an error, not "block forever" as a
+    // zero timeval would be to the kernel), so never pass one.
     let wanted = wanted.max(Duration::from_millis(1));
     if wanted == current {
         return current;
