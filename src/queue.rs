@@ -835,9 +835,31 @@ mod tests {
         (base, base + 1)
     }
 
+    /// Removes whatever is left under these keys when a test ends, passed
+    /// or failed.
+    struct Cleanup(Vec<i32>);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for &key in &self.0 {
+                if let Ok(shm::Existing::Orphan { id, .. } | shm::Existing::InUse { id, .. }) =
+                    shm::inspect(key)
+                {
+                    let _ = shm::remove(id);
+                }
+                if let Ok(sem::Existing::Orphan { id, .. } | sem::Existing::InUse { id, .. }) =
+                    sem::inspect(key)
+                {
+                    let _ = sem::remove(id);
+                }
+            }
+        }
+    }
+
     #[test]
     fn push_read_release_and_bounded_wait() {
         let (shm_key, sem_key) = keys(1);
+        let _cleanup = Cleanup(vec![shm_key, sem_key]);
         let log = Logger::stderr_only(Level::Error);
         let ring = Ring::create(shm_key, sem_key, 3, 8, 10, None, &log).unwrap();
         {
@@ -898,6 +920,7 @@ mod tests {
     #[test]
     fn a_scribbled_slot_is_reported_never_served_and_bounds_are_our_own() {
         let (shm_key, sem_key) = keys(3);
+        let _cleanup = Cleanup(vec![shm_key, sem_key]);
         let log = Logger::stderr_only(Level::Error);
         let ring = Ring::create(shm_key, sem_key, 4, 16, 1, None, &log).unwrap();
         assert_eq!(ring.reserve(3, Instant::now(), &|| false).unwrap(), 3);
@@ -952,6 +975,11 @@ mod tests {
     #[test]
     fn refuses_keys_in_use_and_objects_not_provably_ours() {
         let (shm_key, sem_key) = keys(2);
+        let mut all = vec![shm_key, sem_key];
+        for offset in [100, 200, 300] {
+            all.extend([shm_key + offset, sem_key + offset]);
+        }
+        let _cleanup = Cleanup(all);
         let log = Logger::stderr_only(Level::Error);
         let ring = Ring::create(shm_key, sem_key, 2, 4, 1, None, &log).unwrap();
         let err = Ring::create(shm_key, sem_key, 2, 4, 1, None, &log).unwrap_err();
