@@ -180,9 +180,7 @@ pub fn parse_broker_args(
                 })?;
             }
             Long("repair") => config.repair = true,
-            Long("max-consumers") => {
-                config.max_consumers = number(&mut parser, "--max-consumers", 1, MAX_CONSUMERS)?
-            }
+            Long("max-consumers") => config.max_consumers = max_consumers(&mut parser)?,
             Long("register-timeout") => {
                 config.register_timeout = seconds(&mut parser, "--register-timeout")?
             }
@@ -192,6 +190,15 @@ pub fn parse_broker_args(
             _ => return Err(arg.unexpected().into()),
         }
     }
+    finish(config, file)
+}
+
+/// The checks that need the whole command line: the messages file is
+/// there, and the sizes fit.
+fn finish(
+    mut config: BrokerConfig,
+    file: Option<PathBuf>,
+) -> Result<Parsed<BrokerConfig>, UsageError> {
     let Some(file) = file else {
         return Err(UsageError("missing <messages_file>".to_string()));
     };
@@ -236,6 +243,10 @@ pub fn check_sizes(config: &BrokerConfig, limit: u64) -> Result<(), UsageError> 
         .filter(|&total| total <= limit)
         .ok_or_else(too_big)?;
     Ok(())
+}
+
+fn max_consumers(parser: &mut lexopt::Parser) -> Result<usize, UsageError> {
+    number(parser, "--max-consumers", 1, MAX_CONSUMERS)
 }
 
 fn seconds(parser: &mut lexopt::Parser, name: &str) -> Result<Duration, UsageError> {

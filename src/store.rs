@@ -329,45 +329,20 @@ pub fn scan(
                 content,
                 len,
             } => {
-                let bad = if timestamp >= MAX_TIMESTAMP {
-                    Some("timestamp out of range".to_string())
-                } else {
-                    match result.last_id {
-                        Some(last) if id != last + 1 => {
-                            Some(format!("message id {id} does not follow {last}"))
-                        }
-                        _ => None,
-                    }
-                };
-                if let Some(reason) = bad {
-                    let (_, _, after) = look_past_damage(
-                        buf[start..].to_vec(),
-                        usize::MAX,
-                        reader,
-                        eof,
-                        max_msg_size,
-                        result.last_id,
-                    )?;
+                if let Some(reason) = record_problem(id, timestamp, result.last_id) {
                     // A record that skips ids is itself one after the damage.
                     let skips = result.last_id.is_some_and(|last| id > last + 1);
-                    result.records_after_damage = after || skips;
-                    result.tail = Tail::Damaged {
-                        offset: file_offset,
+                    let damage = Damage {
+                        window: buf[start..].to_vec(),
+                        zeros_from: None,
+                        file_offset,
                         reason,
                     };
-                    return Ok(result);
+                    return result.damaged(damage, reader, eof, max_msg_size, skips);
                 }
                 if id >= keep_from && keep_limit > 0 {
-                    if result.kept.len() == keep_limit {
-                        result.kept.pop_front();
-                    }
-                    let bytes = buf[start + content.0..start + content.1].to_vec();
-                    result.kept_max_size = result.kept_max_size.max(bytes.len());
-                    result.kept.push_back(Record {
-                        id,
-                        timestamp,
-                        content: bytes,
-                    });
+                    let bytes = &buf[start + content.0..start + content.1];
+                    result.keep(id, timestamp, bytes, keep_limit);
                 }
                 result.first_id.get_or_insert(id);
                 result.last_id = Some(id);
@@ -378,17 +353,7 @@ pub fn scan(
             Parsed::Incomplete if !eof => {
                 buf.drain(..start);
                 start = 0;
-                let old = buf.len();
-                buf.resize(old + chunk, 0);
-                let n = loop {
-                    match reader.read(&mut buf[old..]) {
-                        Ok(n) => break n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(ScanError::Io(e)),
-                    }
-                };
-                buf.truncate(old + n);
-                eof = n == 0;
+                eof = read_chunk(&mut reader, &mut buf, chunk)?;
             }
             Parsed::Incomplete => {
                 let rest = (buf.len() - start) as u64;
@@ -398,29 +363,100 @@ pub fn scan(
                 return Ok(result);
             }
             Parsed::Invalid { reason, at } => {
-                // Zeros from the bad byte to the end of the file are what a
-                // crash leaves after a torn write; anything else is damage
-                // (which may still be a power cut's: see power_cut_tail).
-                let (rest, zeros_only, after) = look_past_damage(
-                    buf[start..].to_vec(),
-                    at,
-                    reader,
-                    eof,
-                    max_msg_size,
-                    result.last_id,
-                )?;
-                if zeros_only {
-                    result.tail = Tail::Torn { bytes: rest };
-                } else {
-                    result.records_after_damage = after;
-                    result.tail = Tail::Damaged {
-                        offset: file_offset,
-                        reason: reason.to_string(),
-                    };
-                }
-                return Ok(result);
+                let damage = Damage {
+                    window: buf[start..].to_vec(),
+                    zeros_from: Some(at),
+                    file_offset,
+                    reason: reason.to_string(),
+                };
+                return result.damaged(damage, reader, eof, max_msg_size, false);
             }
         }
+    }
+}
+
+/// Appends up to `chunk` bytes from `reader` to `buf`; true at the end.
+fn read_chunk(reader: &mut impl Read, buf: &mut Vec<u8>, chunk: usize) -> Result<bool, ScanError> {
+    let old = buf.len();
+    buf.resize(old + chunk, 0);
+    let n = loop {
+        match reader.read(&mut buf[old..]) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ScanError::Io(e)),
+        }
+    };
+    buf.truncate(old + n);
+    Ok(n == 0)
+}
+
+/// Why a whole record cannot follow the last valid one, if it cannot.
+fn record_problem(id: u64, timestamp: u64, last: Option<u64>) -> Option<String> {
+    if timestamp >= MAX_TIMESTAMP {
+        return Some("timestamp out of range".to_string());
+    }
+    match last {
+        Some(last) if id != last + 1 => Some(format!("message id {id} does not follow {last}")),
+        _ => None,
+    }
+}
+
+/// Where a scan met something that is not the next record.
+struct Damage {
+    /// The bytes from the bad record on that the scan holds.
+    window: Vec<u8>,
+    /// Where in `window` the first bad byte is, if zeros from there on
+    /// would make it a torn tail.
+    zeros_from: Option<usize>,
+    file_offset: u64,
+    reason: String,
+}
+
+impl Scan {
+    /// Ends the scan at `damage`: zeros from the bad byte to the end of the
+    /// file are what a crash leaves after a torn write (a torn tail);
+    /// anything else is damage, which may still be a power cut's (see
+    /// [`power_cut_tail`]) unless a record follows it.
+    fn damaged(
+        mut self,
+        damage: Damage,
+        reader: impl Read,
+        eof: bool,
+        max_msg_size: usize,
+        record_follows: bool,
+    ) -> Result<Scan, ScanError> {
+        let zeros_from = damage.zeros_from.unwrap_or(usize::MAX);
+        let (rest, zeros_only, after) = look_past_damage(
+            damage.window,
+            zeros_from,
+            reader,
+            eof,
+            max_msg_size,
+            self.last_id,
+        )?;
+        if zeros_only && damage.zeros_from.is_some() {
+            self.tail = Tail::Torn { bytes: rest };
+        } else {
+            self.records_after_damage = after || record_follows;
+            self.tail = Tail::Damaged {
+                offset: damage.file_offset,
+                reason: damage.reason,
+            };
+        }
+        Ok(self)
+    }
+
+    /// Keeps a record, dropping the oldest kept past `limit`.
+    fn keep(&mut self, id: u64, timestamp: u64, content: &[u8], limit: usize) {
+        if self.kept.len() == limit {
+            self.kept.pop_front();
+        }
+        self.kept_max_size = self.kept_max_size.max(content.len());
+        self.kept.push_back(Record {
+            id,
+            timestamp,
+            content: content.to_vec(),
+        });
     }
 }
 
