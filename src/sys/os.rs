@@ -180,3 +180,18 @@ pub fn send_nonblocking(socket: &impl AsRawFd, data: &[u8]) -> io::Result<usize>
         Err(err) => Err(err),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_and_timespec_fit_the_target() {
+        assert!(page_size().is_power_of_two() && page_size() >= 4096);
+        let ts = timespec(Duration::new(3, 250));
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (3, 250));
+        // A timeout past what time_t holds is cut, not wrapped negative.
+        let ts = timespec(Duration::from_secs(u64::MAX));
+        assert_eq!(ts.tv_sec, libc::time_t::MAX);
+    }
+}

@@ -465,3 +465,53 @@ impl<T> Drop for RegionGuard<'_, T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_is_mapped_once_per_process_and_read_only_through_a_guard() {
+        let key = 0x5300_0000 + (std::process::id() as i32 & 0xffff) * 4;
+        let segment = Segment::create(key, 100).unwrap();
+        let id = segment.id();
+        // Both objects are removed even when an assertion fails.
+        struct Remove(i32, Option<i32>);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = remove(self.0);
+                if let Some(set) = self.1 {
+                    let _ = super::super::sem::remove(set);
+                }
+            }
+        }
+        let mut cleanup = Remove(id, None);
+        // A second mapping would alias the first outside its guard.
+        let again = Segment::attach(key).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists, "{again}");
+        assert_eq!(
+            peek(id, 8).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        let sems = SemaphoreSet::create(key, &[1]).unwrap();
+        cleanup.1 = Some(sems.id());
+        let region = Region::new(segment, sems, 0, 7u32);
+        {
+            let mut guard = region.lock(&[], Duration::from_secs(5)).unwrap();
+            assert!(guard.write_u64(92, 42));
+            assert_eq!(guard.read_u64(92), Some(42));
+            // Out of bounds, or overflowing: refused, never a panic.
+            assert!(!guard.write_u64(93, 1));
+            assert_eq!(guard.read_u64(usize::MAX - 3), None);
+            assert!(!guard.read(usize::MAX, &mut [0u8; 2]));
+            *guard.local() += 1;
+        }
+        // The guard released the MUTEX: it can be taken again at once.
+        let guard = region.lock(&[], Duration::from_millis(100)).unwrap();
+        assert_eq!(*guard.local_ref(), 8);
+        drop(guard);
+        drop(region);
+        // Unmapped now: it may be looked at again (a new segment is zeros).
+        assert_eq!(peek(id, 8).unwrap(), vec![0u8; 8]);
+    }
+}
