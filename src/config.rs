@@ -24,7 +24,14 @@ pub struct BrokerConfig {
     pub messages_file: PathBuf,
     pub port: u16,
     pub bind: IpAddr,
-    pub capacity: u32,
+    /// Messages the queue holds (ids `head..next_id`, on disk).
+    pub capacity: u64,
+    /// Record bytes the segments may hold on disk.
+    pub max_bytes: u64,
+    /// Slots of the ring in shared memory: the window over the newest.
+    pub ring: u32,
+    /// Bytes a segment file may reach before the next one is started.
+    pub segment_size: u64,
     pub max_msg_size: usize,
     pub max_clients: usize,
     pub idle_timeout: Duration,
@@ -52,7 +59,10 @@ impl BrokerConfig {
             messages_file,
             port: 8080,
             bind: IpAddr::from([0, 0, 0, 0]),
-            capacity: 1000,
+            capacity: DEFAULT_CAPACITY,
+            max_bytes: DEFAULT_MAX_BYTES,
+            ring: 1000,
+            segment_size: crate::segments::DEFAULT_SEGMENT_BYTES,
             max_msg_size: 1024,
             max_clients: 100,
             idle_timeout: Duration::from_secs(300),
@@ -72,14 +82,40 @@ impl BrokerConfig {
         }
     }
 
+    /// Bytes a segment may grow to: `--segment-size`, but at most a
+    /// quarter of `--max-bytes`, because `--max-bytes` counts whole
+    /// segments on disk, and the consumed records of the oldest one count
+    /// until all of it is consumed: a quarter keeps that from ever taking
+    /// the whole budget.
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_size
+            .min(self.max_bytes / 4)
+            .max(MIN_SEGMENT_SIZE)
+    }
+
     /// The longest request line accepted.
     pub fn max_line(&self) -> usize {
         self.max_msg_size + crate::protocol::LINE_OVERHEAD
     }
 }
 
-/// Largest queue capacity: a SysV semaphore counts to 32767 (SEMVMX).
-pub const MAX_CAPACITY: u64 = 32767;
+/// Largest ring: a SysV semaphore counts to 32767 (SEMVMX), and EMPTY and
+/// FULL count the ring's slots.
+pub const MAX_RING: u64 = 32767;
+/// Messages the queue holds by default (on disk, not in memory).
+pub const DEFAULT_CAPACITY: u64 = 1_000_000;
+/// Largest `--capacity`: ids are u64, and 2^40 messages is past any disk
+/// this broker will be given (the bound is the disk, `--max-bytes`).
+pub const MAX_CAPACITY: u64 = 1 << 40;
+/// Record bytes held on disk by default: 1 GiB.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+/// Largest `--max-bytes` and `--segment-size`: 1 PiB.
+pub const MAX_BYTES: u64 = 1 << 50;
+/// Smallest `--segment-size`: below a page, every few records would roll
+/// (an fsync and a directory fsync each).
+pub const MIN_SEGMENT_SIZE: u64 = 4096;
+/// Largest `--max-ack-pending`: what one id may hold in flight, in memory.
+pub const MAX_ACK_PENDING: u64 = 32767;
 /// Largest message: one MiB keeps per-connection buffers and the segment
 /// Most connections at once: one pool thread each.
 pub const MAX_CLIENTS: u64 = 4096;
@@ -92,12 +128,17 @@ pub const BROKER_USAGE: &str = "\
 usage: broker [OPTIONS] <messages_file>
 
 Single-host message broker: a queue in SysV shared memory, persisted to
-<messages_file> (offsets in <messages_file>.offsets), served over TCP.
+segment files <messages_file>.<first id> (offsets in
+<messages_file>.offsets), served over TCP. The ring holds the newest
+messages; consumers behind it read from the files.
 
 options:
   -p, --port N            TCP port; 0 picks a free one        [8080]
       --bind ADDR         address to listen on                [0.0.0.0]
-      --capacity N        messages the queue holds (1-32767)  [1000]
+      --capacity N        messages the queue holds, on disk   [1000000]
+      --max-bytes B       record bytes the queue holds on disk (suffix K, M, G) [1G]
+      --ring N            slots of the shared-memory ring (1-32767) [1000]
+      --segment-size B    bytes per segment file (suffix K, M, G; at least 4K) [64M]
       --max-msg-size N    bytes of content per message        [1024]
       --max-clients N     connections served at once          [100]
       --idle-timeout S    seconds without a request before a client is dropped [300]
@@ -140,6 +181,13 @@ pub fn parse_broker_args(
             Long("capacity") => {
                 config.capacity = number(&mut parser, "--capacity", 1, MAX_CAPACITY)?
             }
+            Long("max-bytes") => {
+                config.max_bytes = bytes(&mut parser, "--max-bytes", 4 * MIN_SEGMENT_SIZE)?
+            }
+            Long("ring") => config.ring = number(&mut parser, "--ring", 1, MAX_RING)?,
+            Long("segment-size") => {
+                config.segment_size = bytes(&mut parser, "--segment-size", MIN_SEGMENT_SIZE)?
+            }
             Long("max-msg-size") => {
                 config.max_msg_size = number(&mut parser, "--max-msg-size", 1, MAX_MSG_SIZE)?
             }
@@ -150,7 +198,8 @@ pub fn parse_broker_args(
             Long("consumer-ttl") => config.consumer_ttl = seconds(&mut parser, "--consumer-ttl")?,
             Long("ack-wait") => config.ack_wait = seconds(&mut parser, "--ack-wait")?,
             Long("max-ack-pending") => {
-                config.max_ack_pending = number(&mut parser, "--max-ack-pending", 1, MAX_CAPACITY)?
+                config.max_ack_pending =
+                    number(&mut parser, "--max-ack-pending", 1, MAX_ACK_PENDING)?
             }
             Long("send-timeout") => {
                 config.send_timeout =
@@ -221,17 +270,14 @@ const CONNECTION_BUFFERS: u64 = 2 * 64 * 1024;
 /// connections beside the segment. A set that does not fit is a usage
 /// error (exit 2), not a wrapped size at run time.
 pub fn check_sizes(config: &BrokerConfig, limit: u64) -> Result<(), UsageError> {
-    let layout = crate::queue::Layout::within(
-        u64::from(config.capacity),
-        config.max_msg_size as u64,
-        limit,
-    )
-    .map_err(|err| UsageError(err.to_string()))?;
+    let layout =
+        crate::queue::Layout::within(u64::from(config.ring), config.max_msg_size as u64, limit)
+            .map_err(|err| UsageError(err.to_string()))?;
     let too_big = || {
         UsageError(format!(
-            "--max-clients {} with --max-msg-size {} and --capacity {} need more memory \
+            "--max-clients {} with --max-msg-size {} and --ring {} need more memory \
              than this system's address space ({limit} bytes)",
-            config.max_clients, config.max_msg_size, config.capacity
+            config.max_clients, config.max_msg_size, config.ring
         ))
     };
     let line = (config.max_msg_size as u64)
@@ -243,6 +289,34 @@ pub fn check_sizes(config: &BrokerConfig, limit: u64) -> Result<(), UsageError> 
         .filter(|&total| total <= limit)
         .ok_or_else(too_big)?;
     Ok(())
+}
+
+/// A size in bytes: a whole number with an optional suffix `K`, `M` or
+/// `G` (powers of 1024), from `min` to [`MAX_BYTES`].
+fn bytes(parser: &mut lexopt::Parser, name: &str, min: u64) -> Result<u64, UsageError> {
+    let text = string(parser, name)?;
+    parse_bytes(&text, name, min)
+}
+
+/// `text` as [`bytes`] reads it.
+pub fn parse_bytes(text: &str, name: &str, min: u64) -> Result<u64, UsageError> {
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
+        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
+        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let bad = || {
+        UsageError(format!(
+            "invalid value '{text}' for {name}: expected bytes from {min} to {MAX_BYTES}, \
+             with an optional suffix K, M or G"
+        ))
+    };
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    value
+        .checked_mul(1 << shift)
+        .filter(|&v| (min..=MAX_BYTES).contains(&v))
+        .ok_or_else(bad)
 }
 
 fn max_consumers(parser: &mut lexopt::Parser) -> Result<usize, UsageError> {
@@ -283,7 +357,10 @@ mod tests {
             panic!()
         };
         assert_eq!(config.port, 8080);
-        assert_eq!(config.capacity, 1000);
+        assert_eq!(config.capacity, 1_000_000);
+        assert_eq!(config.max_bytes, 1 << 30);
+        assert_eq!(config.ring, 1000);
+        assert_eq!(config.segment_size, 64 << 20);
         assert_eq!(config.max_msg_size, 1024);
         assert_eq!(config.max_clients, 100);
         assert_eq!(config.shm_key, 0x1234);
@@ -315,7 +392,11 @@ mod tests {
         for bad in [
             &["--port", "70000", "f"][..],
             &["--capacity", "0", "f"],
-            &["--capacity", "40000", "f"],
+            &["--ring", "40000", "f"],
+            &["--ring", "0", "f"],
+            &["--max-bytes", "0", "f"],
+            &["--max-bytes", "1T", "f"],
+            &["--segment-size", "1K", "f"],
             &["--shm-key", "0", "f"],
             &["--fsync", "sometimes", "f"],
             &["--bogus", "f"],
@@ -334,6 +415,25 @@ mod tests {
         };
         assert_eq!(config.max_consumers, 5);
         assert_eq!(config.register_timeout, Duration::from_secs(3));
+        let Parsed::Run(config) = parse(&[
+            "--capacity",
+            "4000000000",
+            "--max-bytes",
+            "2G",
+            "--segment-size",
+            "4K",
+            "--ring",
+            "16",
+            "f",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(config.capacity, 4_000_000_000);
+        assert_eq!(config.max_bytes, 2 << 30);
+        assert_eq!((config.segment_size, config.ring), (4096, 16));
+        assert_eq!(parse_bytes("512m", "x", 1), Ok(512 << 20));
+        assert_eq!(parse_bytes("100", "x", 1), Ok(100));
         let err = parse(&["--port", "x", "f"]).unwrap_err();
         assert!(err.0.contains("'x'") && err.0.contains("--port"), "{err}");
     }
@@ -350,15 +450,15 @@ mod tests {
             }
         };
         // The armv7 report: 4096 slots of 1048552 + 24 bytes wrap to 2^32.
-        let armv7 = config(&["--capacity", "4096", "--max-msg-size", "1048552"]);
+        let armv7 = config(&["--ring", "4096", "--max-msg-size", "1048552"]);
         let err = check_sizes(&armv7, limit_32).unwrap_err();
-        assert!(err.0.contains("--capacity 4096"), "{err}");
+        assert!(err.0.contains("--ring 4096"), "{err}");
         // On this (64-bit) system the same options fit.
         assert!(check_sizes(&armv7, isize::MAX as u64).is_ok());
         // The defaults fit everywhere; the largest everything does not on 32 bits.
         assert!(check_sizes(&config(&[]), limit_32).is_ok());
         let largest = config(&[
-            "--capacity",
+            "--ring",
             "32767",
             "--max-msg-size",
             "1048576",

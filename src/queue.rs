@@ -9,20 +9,27 @@
 //! are consecutive, so the message with id `n` lives in slot `n % capacity`
 //! and the ring holds exactly the ids `head..next`.
 //!
+//! The ring is a window, not the queue (issue 9): it holds the newest
+//! `capacity` messages stored, whatever the cursors; the segment files are
+//! the queue of record, and a reader behind `head` reads them instead.
+//!
 //! Semaphores: MUTEX (0) guards every access to the segment and is always
 //! taken with `SEM_UNDO`, so a broker killed while holding it does not leave
-//! it taken. EMPTY (1) counts free slots: a sender takes slots from it
-//! before it stores, and waits on it (bounded) when the ring is full.
-//! FULL (2) counts used slots. Lock release and count updates go to the
-//! kernel in one atomic `semop`, so each batch costs two system calls.
+//! it taken. EMPTY (1) counts free slots and FULL (2) used ones (EMPTY +
+//! FULL = slots; FULL = ids in the window). A sender takes its slots from
+//! EMPTY and, when too few are free, evicts the oldest from FULL in the
+//! same atomic `semop` that takes the MUTEX, so it never waits for a slot.
+//! Lock release and count updates go to the kernel in one atomic `semop`,
+//! so each batch costs two system calls.
 //!
 //! This module does not decide which messages are still needed (the broker
-//! does, from its cursors); it never hands out references into the segment.
+//! does, from its cursors, on disk); it never hands out references into the
+//! segment.
 
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::log::Logger;
 use crate::sys::os;
@@ -97,7 +104,7 @@ impl Layout {
     pub fn within(capacity: u64, max_msg_size: u64, limit: u64) -> Result<Layout, SizeError> {
         let too_big = || {
             SizeError(format!(
-                "--capacity {capacity} with --max-msg-size {max_msg_size} needs a shared memory \
+                "--ring {capacity} with --max-msg-size {max_msg_size} needs a shared memory \
                  segment larger than this system's address space ({limit} bytes)"
             ))
         };
@@ -499,7 +506,8 @@ impl Ring {
         Ok(ring)
     }
 
-    pub fn capacity(&self) -> u64 {
+    /// Slots of the ring (`--ring`).
+    pub fn slots(&self) -> u64 {
         self.layout.capacity
     }
 
@@ -522,59 +530,38 @@ impl Ring {
         self.region.sems()
     }
 
-    /// Takes up to `want` free slots, waiting until `deadline` for at least
-    /// one when none is free, in slices of at most [`WAIT_SLICE`] so that
-    /// `give_up` (a shutdown) is noticed. Returns how many were taken (0:
-    /// the ring stayed full). The caller must push or
-    /// [`unreserve`](Self::unreserve) each of them.
-    pub fn reserve(
-        &self,
-        want: usize,
-        deadline: Instant,
-        give_up: &dyn Fn() -> bool,
-    ) -> io::Result<usize> {
-        let want = want.min(self.layout.capacity as usize);
-        loop {
-            let free = self.sems().value(EMPTY)? as usize;
-            if free > 0 {
-                // Several senders may race for these slots: take them without
-                // waiting, and look again if another sender was faster.
-                let n = want.min(free);
-                if self
-                    .sems()
-                    .apply(&[count_op(EMPTY, -(n as i64), NOWAIT)], None)?
-                {
-                    return Ok(n);
-                }
-                continue;
+    /// Takes `n` free slots and the MUTEX in one atomic semop, after
+    /// evicting the `evict` oldest messages in the same semop
+    /// (`[FULL -evict NOWAIT, EMPTY +evict, EMPTY -n NOWAIT, MUTEX -1]`):
+    /// the ring is a window over the newest messages, so a sender never
+    /// waits for a slot. The caller (who alone writes the ring) computes
+    /// `evict` from the bounds it keeps; counts that do not allow it mean
+    /// another process changed them: an error, and nothing was taken.
+    pub fn lock_appending(&self, evict: usize, n: usize) -> io::Result<RingGuard<'_>> {
+        let take = count_op(EMPTY, -(n as i64), NOWAIT);
+        let ops = [
+            count_op(FULL, -(evict as i64), NOWAIT),
+            count_op(EMPTY, evict as i64, 0),
+            take,
+        ];
+        let ops: &[Op] = if evict == 0 { &[take] } else { &ops };
+        match self.region.lock(ops, LOCK_TIMEOUT) {
+            Ok(inner) => {
+                let mut guard = self.guard(inner);
+                let (head, next) = guard.bounds();
+                assert!(
+                    evict as u64 <= next - head,
+                    "evict {evict} of {}",
+                    next - head
+                );
+                guard.set_head(head + evict as u64);
+                Ok(guard)
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || give_up() {
-                return Ok(0);
-            }
-            let op = count_op(EMPTY, -1, 0);
-            if self.sems().apply(&[op], Some(left.min(WAIT_SLICE)))? {
-                return Ok(1);
-            }
-        }
-    }
-
-    /// Gives back `n` slots taken by [`reserve`](Self::reserve) and not used.
-    pub fn unreserve(&self, n: usize) -> io::Result<()> {
-        if n > 0 {
-            self.sems().apply(&[count_op(EMPTY, n as i64, 0)], None)?;
-        }
-        Ok(())
-    }
-
-    /// Takes `n` free slots and the MUTEX in one atomic operation, without
-    /// waiting for slots: `None` when fewer than `n` slots are free
-    /// (nothing taken).
-    pub fn lock_reserving(&self, n: usize) -> io::Result<Option<RingGuard<'_>>> {
-        let slots = count_op(EMPTY, -(n as i64), NOWAIT);
-        match self.region.lock(&[slots], LOCK_TIMEOUT) {
-            Ok(inner) => Ok(Some(self.guard(inner))),
-            Err(LockError::WouldBlock) => Ok(None),
+            Err(LockError::WouldBlock) => Err(io::Error::other(format!(
+                "semaphores EMPTY and FULL (key 0x{:x}) do not allow {n} new and {evict} \
+                 evicted slot(s): changed by another process?",
+                self.sems().key()
+            ))),
             Err(err) => Err(lock_error(err, self.sems().key())),
         }
     }
@@ -753,44 +740,33 @@ impl RingGuard<'_> {
             .map(drop)
     }
 
-    /// Drops the messages before `new_head` from the ring, then releases
-    /// the MUTEX, moving their slots from FULL to EMPTY.
-    pub fn unlock_released(mut self, new_head: u64) -> io::Result<()> {
-        let (head, next) = self.bounds();
-        assert!(
-            head <= new_head && new_head <= next,
-            "bad new head {new_head} ({head}..{next})"
-        );
-        let freed = (new_head - head) as i64;
-        self.inner.local().head = new_head;
+    /// Moves the oldest id held (eviction; the counts are the caller's).
+    fn set_head(&mut self, head: u64) {
+        self.inner.local().head = head;
         // For `ipcs`-side readers only: never read back.
-        self.inner.write_u64(H_HEAD, new_head);
-        let full = count_op(FULL, -freed, NOWAIT);
-        let empty = count_op(EMPTY, freed, 0);
-        if self.unlock_with(&[full, empty])? {
-            return Ok(());
-        }
-        // FULL lower than the ring says (another process lowered it): the
-        // slots are free for the broker all the same; never leave the
-        // MUTEX held (the guard's drop releases it).
-        Err(io::Error::other(format!(
-            "semaphore FULL (key 0x{:x}) below the ring's count: changed by another process?",
-            self.ring.sems().key()
-        )))
+        self.inner.write_u64(H_HEAD, head);
     }
 
-    /// Drops the newest `n` messages (their fsync failed and nobody saw
-    /// them), then releases the MUTEX, moving their slots from FULL to
-    /// EMPTY.
-    pub fn unlock_dropping_newest(mut self, n: usize) -> io::Result<()> {
+    /// Drops the messages from `new_next` on (their fsync failed and
+    /// nobody saw them; some may have been evicted already), then releases
+    /// the MUTEX, moving their slots from FULL to EMPTY. The ring may be
+    /// left empty, starting at `new_next`.
+    pub fn unlock_cutting_to(mut self, new_next: u64) -> io::Result<()> {
         let (head, next) = self.bounds();
-        assert!(n as u64 <= next - head, "drop {n} of {}", next - head);
-        let next = next - n as u64;
-        self.inner.local().next = next;
+        assert!(new_next <= next, "cut to {new_next} past {next}");
+        let dropped = next - new_next.max(head);
+        if new_next < head {
+            self.set_head(new_next);
+        }
+        self.inner.local().next = new_next;
         // For `ipcs`-side readers only: never read back.
-        self.inner.write_u64(H_NEXT, next);
-        let full = count_op(FULL, -(n as i64), NOWAIT);
-        let empty = count_op(EMPTY, n as i64, 0);
+        self.inner.write_u64(H_NEXT, new_next);
+        if dropped == 0 {
+            // A semop of 0 would wait for FULL to be zero.
+            return self.unlock();
+        }
+        let full = count_op(FULL, -(dropped as i64), NOWAIT);
+        let empty = count_op(EMPTY, dropped as i64, 0);
         if self.unlock_with(&[full, empty])? {
             return Ok(());
         }
@@ -800,7 +776,9 @@ impl RingGuard<'_> {
         )))
     }
 
-    /// Releases the MUTEX and gives back `n` reserved slots not used.
+    /// Releases the MUTEX and gives back `n` slots taken and not used
+    /// (an eviction made with them stays: the window only shrank, and
+    /// every message is still on disk).
     pub fn unlock_giving_back(mut self, n: usize) -> io::Result<()> {
         self.unlock_with(&[count_op(EMPTY, n as i64, 0)]).map(drop)
     }
@@ -817,9 +795,6 @@ impl RingGuard<'_> {
         [H_MAGIC, H_VERSION, H_CAPACITY, H_SLOT_SIZE].map(|offset| self.inner.read_u64(offset))
     }
 }
-
-/// A sender waiting for room looks at its `give_up` condition this often.
-pub const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 /// The longest a sender may wait for room, whatever the option says.
 pub const MAX_SEND_WAIT: Duration = Duration::from_secs(60);
@@ -857,7 +832,7 @@ mod tests {
     }
 
     #[test]
-    fn push_read_release_and_bounded_wait() {
+    fn push_read_evict_and_cut_back() {
         let (shm_key, sem_key) = keys(1);
         let _cleanup = Cleanup(vec![shm_key, sem_key]);
         let log = Logger::stderr_only(Level::Error);
@@ -870,9 +845,7 @@ mod tests {
             );
             guard.unlock().unwrap();
         }
-        let deadline = Instant::now() + Duration::from_millis(50);
-        assert_eq!(ring.reserve(5, deadline, &|| false).unwrap(), 3);
-        let mut guard = ring.lock().unwrap();
+        let mut guard = ring.lock_appending(0, 3).unwrap();
         guard.push(7, &[b"a", b"bb", b"ccc"]).unwrap();
         assert_eq!(guard.bounds(), (10, 13));
         // A fourth does not fit, whatever the semaphores say.
@@ -883,26 +856,27 @@ mod tests {
         assert_eq!(guard.meta(12), (7, 3));
         guard.unlock_pushed(3).unwrap();
 
-        // Full: a reserve waits until its deadline and gets nothing.
-        let started = Instant::now();
-        assert_eq!(
-            ring.reserve(1, started + Duration::from_millis(30), &|| false)
-                .unwrap(),
-            0
+        // Full: two more evict the two oldest in the same semop.
+        assert!(
+            ring.lock_appending(0, 2).is_err(),
+            "no room without evicting"
         );
+        let mut guard = ring.lock_appending(2, 2).unwrap();
+        assert_eq!(guard.bounds(), (12, 13));
+        guard.push(8, &[b"dd", b"e"]).unwrap();
+        assert_eq!(guard.bounds(), (12, 15));
+        guard.unlock_pushed(2).unwrap();
+        assert_eq!(ring.sems().value(FULL).unwrap(), 3);
+        assert_eq!(ring.sems().value(EMPTY).unwrap(), 0);
 
-        // Giving up (a shutdown) ends the wait early.
-        let started = Instant::now();
-        assert_eq!(
-            ring.reserve(1, started + Duration::from_secs(30), &|| true)
-                .unwrap(),
-            0
-        );
-        assert!(started.elapsed() < Duration::from_secs(5));
-
-        ring.lock().unwrap().unlock_released(12).unwrap();
-        assert_eq!(ring.reserve(5, Instant::now(), &|| false).unwrap(), 2);
-        ring.unreserve(2).unwrap();
+        // A cut back past the window empties it and gives the slots back.
+        ring.lock().unwrap().unlock_cutting_to(11).unwrap();
+        assert_eq!(ring.lock().unwrap().bounds(), (11, 11));
+        assert_eq!(ring.sems().value(FULL).unwrap(), 0);
+        assert_eq!(ring.sems().value(EMPTY).unwrap(), 3);
+        let guard = ring.lock_appending(0, 1).unwrap();
+        guard.unlock_giving_back(1).unwrap();
+        assert_eq!(ring.sems().value(EMPTY).unwrap(), 3);
         let (shm_id, sem_id) = ring.ids();
         drop(ring);
         assert_eq!(
@@ -923,8 +897,7 @@ mod tests {
         let _cleanup = Cleanup(vec![shm_key, sem_key]);
         let log = Logger::stderr_only(Level::Error);
         let ring = Ring::create(shm_key, sem_key, 4, 16, 1, None, &log).unwrap();
-        assert_eq!(ring.reserve(3, Instant::now(), &|| false).unwrap(), 3);
-        let mut guard = ring.lock().unwrap();
+        let mut guard = ring.lock_appending(0, 3).unwrap();
         guard.push(5, &[b"one", b"two", b"three"]).unwrap();
         let layout = ring.layout;
         // Another process writes over the header and three slots: an id,
@@ -955,7 +928,7 @@ mod tests {
         // refused, on 64 bits it fits.
         let limit_32 = i32::MAX as u64;
         let err = Layout::within(4096, 1_048_552, limit_32).unwrap_err();
-        assert!(err.0.contains("--capacity 4096"), "{err}");
+        assert!(err.0.contains("--ring 4096"), "{err}");
         assert!(Layout::within(4096, 1_048_552, usize::MAX as u64).is_ok());
         assert!(Layout::within(1000, 1024, limit_32).is_ok());
         for (capacity, size) in [(u64::MAX, 1), (2, u64::MAX), (u64::MAX, u64::MAX), (0, 1)] {

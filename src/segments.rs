@@ -35,6 +35,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::disk::Disk;
 use crate::store::{self, MAX_SIZE_DIGITS, MAX_TIMESTAMP, Record, Tail};
@@ -365,6 +366,18 @@ pub struct OpenReport {
     pub upgraded: Option<Upgrade>,
     /// A torn tail was cut from the last segment.
     pub torn: Option<TornTail>,
+    /// Bytes after the last valid record of the last segment, with no
+    /// valid record after them, were cut as what a power cut leaves (see
+    /// [`SegmentLog::open_after`]).
+    pub power_cut: Option<TornTail>,
+}
+
+/// What the offsets file says is durable, for the power-cut rule of
+/// [`store::power_cut_tail`]: its NEXT_ID is never ahead of fsynced
+/// records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durable {
+    pub next_id: u64,
 }
 
 /// The carry-over of a messages file of the single-file version.
@@ -550,6 +563,17 @@ fn check_scanned(
     }
 }
 
+/// Whether the damage a scan of the last segment found is what a power
+/// cut leaves (see [`SegmentLog::open_after`]): the first record's id must
+/// still be the one the name says.
+fn power_cut(scan: &store::Scan, first_id: u64, durable: Option<Durable>) -> bool {
+    let Some(durable) = durable else {
+        return false;
+    };
+    let named_right = scan.first_id.is_none_or(|id| id == first_id);
+    named_right && store::power_cut_tail(scan, durable.next_id, first_id)
+}
+
 /// Builds the sparse index of the first `valid_len` bytes of a segment,
 /// which [`store::scan`] has checked: only the headers are read again.
 fn build_index(
@@ -590,7 +614,7 @@ pub struct SegmentLog {
     /// Oldest first; the last one is the active segment.
     segments: VecDeque<Segment>,
     /// The active segment, open for appending (`None` with no segment).
-    active: Option<File>,
+    active: Option<Arc<File>>,
     next_id: u64,
     total_bytes: u64,
     /// Appends to the active segment since its last fdatasync.
@@ -617,6 +641,22 @@ impl SegmentLog {
         segment_bytes: u64,
         max_msg_size: usize,
     ) -> Result<(SegmentLog, OpenReport), SegmentError> {
+        SegmentLog::open_after(messages_path, disk, segment_bytes, max_msg_size, None)
+    }
+
+    /// [`Self::open`], with the power-cut rule for the last segment when
+    /// `durable` is given: damage past its last valid record with no
+    /// valid record after it is cut like a torn tail (reported in
+    /// [`OpenReport::power_cut`]) when the records kept reach
+    /// `durable.next_id - 1`, since nothing after them was ever
+    /// acknowledged under `always` or covered by a saved offset.
+    pub fn open_after(
+        messages_path: &Path,
+        disk: Disk,
+        segment_bytes: u64,
+        max_msg_size: usize,
+        durable: Option<Durable>,
+    ) -> Result<(SegmentLog, OpenReport), SegmentError> {
         assert!(segment_bytes > 0 && max_msg_size > 0, "limits must be set");
         let dir = parent_dir(messages_path);
         let mut report = OpenReport::default();
@@ -641,19 +681,22 @@ impl SegmentLog {
         };
         let count = found.len();
         for (i, (first_id, path)) in found.into_iter().enumerate() {
-            log.add_scanned(path, first_id, i + 1 == count, &mut report)?;
+            let last = (i + 1 == count).then_some(durable);
+            log.add_scanned(path, first_id, last, &mut report)?;
         }
         Ok((log, report))
     }
 
     /// Scans one segment found at open and adds it after the others.
+    /// `last` is `Some` for the last segment, with what is durable.
     fn add_scanned(
         &mut self,
         path: PathBuf,
         first_id: u64,
-        last: bool,
+        last: Option<Option<Durable>>,
         report: &mut OpenReport,
     ) -> Result<(), SegmentError> {
+        let (durable, last) = (last.flatten(), last.is_some());
         if !self.segments.is_empty() && first_id != self.next_id {
             return Err(damaged(
                 &path,
@@ -674,8 +717,25 @@ impl SegmentLog {
             store::ScanError::Io(source) => io_error("read", &path)(source),
         })?;
         let valid_len = scan.valid_len;
-        check_scanned(&path, first_id, last, &scan)?;
+        let power_cut = last && power_cut(&scan, first_id, durable);
+        if !power_cut {
+            check_scanned(&path, first_id, last, &scan)?;
+        }
         let index = build_index(&file, &path, valid_len, first_id)?;
+        if power_cut {
+            let len = file.metadata().map_err(io_error("stat", &path))?.len();
+            self.disk
+                .truncate(&file, valid_len)
+                .map_err(io_error("truncate", &path))?;
+            self.disk
+                .sync_data(&file)
+                .map_err(io_error("fsync", &path))?;
+            report.power_cut = Some(TornTail {
+                path: path.clone(),
+                offset: valid_len,
+                bytes: len.saturating_sub(valid_len),
+            });
+        }
         if let Tail::Torn { bytes } = scan.tail {
             self.disk
                 .truncate(&file, valid_len)
@@ -692,7 +752,7 @@ impl SegmentLog {
         self.next_id = scan.last_id.map_or(first_id, |id| id + 1);
         self.total_bytes += valid_len;
         if last {
-            self.active = Some(file);
+            self.active = Some(Arc::new(file));
         }
         self.segments.push_back(Segment {
             path,
@@ -730,6 +790,27 @@ impl SegmentLog {
     /// 16 bytes each).
     pub fn index_entries(&self) -> usize {
         self.segments.iter().map(|s| s.index.len()).sum()
+    }
+
+    /// The active segment's file, for fdatasyncs outside the caller's
+    /// lock (group commit); a roll makes a new one.
+    pub fn active_handle(&self) -> Option<Arc<File>> {
+        self.active.clone()
+    }
+
+    /// The first id of the active segment (the next id with no segment).
+    pub fn active_first_id(&self) -> u64 {
+        self.segments.back().map_or(self.next_id, |s| s.first_id)
+    }
+
+    /// The fault seam the log writes through.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Bytes a new segment may grow to.
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
     }
 
     /// The segment files, oldest first.
@@ -843,12 +924,12 @@ impl SegmentLog {
             if self.disk.remove(&segment.path).is_err() {
                 self.dir_dirty = true;
                 self.segments.push_back(segment);
-                self.active = Some(file);
+                self.active = Some(Arc::new(file));
             }
             return Err(err);
         }
         self.segments.push_back(segment);
-        self.active = Some(file);
+        self.active = Some(Arc::new(file));
         Ok(())
     }
 
@@ -1089,7 +1170,7 @@ impl SegmentLog {
         }
         let opened;
         let file = match (&self.active, last) {
-            (Some(file), true) => file,
+            (Some(file), true) => &**file,
             _ => {
                 opened = File::open(&segment.path).map_err(io_error("open", &segment.path))?;
                 &opened

@@ -1,5 +1,6 @@
-//! Persistence: the messages file, the offsets file, recovery and
-//! compaction (see docs/operations.md).
+//! Persistence: the record format and its scan, the offsets file, repair
+//! of one file (see docs/operations.md); the segment files are
+//! [`crate::segments`].
 //!
 //! Messages file: one record per message, `MSG_ID:TIMESTAMP:SIZE:CONTENT\n`
 //! (the original system's format). SIZE makes a record self-delimiting: the
@@ -21,7 +22,6 @@ use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 
 use crate::disk::Disk;
 use crate::text::{parse_u64, push_u64, valid_consumer_id};
@@ -704,210 +704,6 @@ pub fn save_offsets(disk: &Disk, messages: &Path, offsets: &Offsets) -> io::Resu
     replace_file(disk, &offsets_path(messages), &offsets.encode())
 }
 
-/// The messages file open for appending.
-#[derive(Debug)]
-pub struct MessageFile {
-    path: PathBuf,
-    file: Arc<File>,
-    len: u64,
-    disk: Disk,
-    /// A failed write could not be cut back: bytes past `len` may be
-    /// garbage, so nothing more is appended until a restart re-reads it.
-    broken: bool,
-}
-
-impl MessageFile {
-    /// Opens (creating, mode 0600) the file and cuts it to `valid_len`,
-    /// dropping a torn tail that recovery reported.
-    pub fn open(path: &Path, valid_len: u64, disk: Disk) -> io::Result<MessageFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| context(e, "open", path))?;
-        let actual = file.metadata().map_err(|e| context(e, "stat", path))?.len();
-        if actual != valid_len {
-            disk.truncate(&file, valid_len)
-                .map_err(|e| context(e, "truncate", path))?;
-            disk.sync_all(&file)
-                .map_err(|e| context(e, "fsync", path))?;
-        }
-        use std::io::Seek;
-        let mut file = file;
-        file.seek(io::SeekFrom::Start(valid_len))
-            .map_err(|e| context(e, "seek", path))?;
-        Ok(MessageFile {
-            path: path.to_path_buf(),
-            file: Arc::new(file),
-            len: valid_len,
-            disk,
-            broken: false,
-        })
-    }
-
-    /// Current length in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the file holds no records.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Appends whole records. On failure the file is cut back to where it
-    /// was, so a half-written record never stays behind a live broker; if
-    /// even that fails, the error says so (the caller must stop writing).
-    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if self.broken {
-            return Err(io::Error::other(format!(
-                "{} could not be cut back after a failed write; restart the broker",
-                self.path.display()
-            )));
-        }
-        match self.disk.write_all(&self.file, bytes) {
-            Ok(()) => {
-                self.len += bytes.len() as u64;
-                Ok(())
-            }
-            Err(err) => {
-                let err = context(err, "append to", &self.path);
-                match self.cut_back(self.len) {
-                    Ok(()) => Err(err),
-                    Err(cut) => Err(io::Error::new(cut.kind(), format!("{err}; then {cut}"))),
-                }
-            }
-        }
-    }
-
-    /// Cuts the file back to `len` bytes (after a failed write or fsync),
-    /// so no record that was not acknowledged stays behind. The file
-    /// offset follows, so the next append lands right after `len`.
-    pub fn cut_back(&mut self, len: u64) -> io::Result<()> {
-        use std::io::Seek;
-        self.broken = true;
-        self.disk
-            .truncate(&self.file, len)
-            .map_err(|e| context(e, "truncate", &self.path))?;
-        self.broken = false;
-        self.len = len;
-        (&*self.file)
-            .seek(io::SeekFrom::Start(len))
-            .map(drop)
-            .map_err(|e| context(e, "seek", &self.path))
-    }
-
-    /// The open file, for fsyncing without the lock that guards appends.
-    pub fn sync_handle(&self) -> Arc<File> {
-        Arc::clone(&self.file)
-    }
-
-    /// The disk this file is written through.
-    pub fn disk(&self) -> &Disk {
-        &self.disk
-    }
-
-    /// Fsyncs the data (fdatasync).
-    pub fn sync(&self) -> io::Result<()> {
-        self.disk
-            .sync_data(&self.file)
-            .map_err(|e| context(e, "fsync", &self.path))
-    }
-
-    /// The content of record `id`, which starts at byte `offset` and is
-    /// `len` bytes long: read back from the file and checked (the whole
-    /// record parses, its id and length are those asked for). How the
-    /// broker serves a message whose shared memory slot was overwritten.
-    pub fn read_record_of_len(&self, offset: u64, id: u64, len: u64) -> io::Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let bad = || {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: record {id} is not at byte offset {offset}",
-                    self.path.display()
-                ),
-            )
-        };
-        if offset.checked_add(len).is_none_or(|end| end > self.len) {
-            return Err(bad());
-        }
-        let mut bytes = vec![0u8; usize::try_from(len).map_err(|_| bad())?];
-        self.file
-            .read_exact_at(&mut bytes, offset)
-            .map_err(|e| context(e, "read", &self.path))?;
-        match parse_record(&bytes, bytes.len()) {
-            Parsed::Record {
-                id: found,
-                content,
-                len: parsed,
-                ..
-            } if found == id && parsed == bytes.len() => Ok(bytes[content.0..content.1].to_vec()),
-            _ => Err(bad()),
-        }
-    }
-
-    /// Compaction: replaces the file with its bytes from `offset` on (the
-    /// records still needed), copied from the file itself, never from the
-    /// shared memory another process could have written. The copy goes to
-    /// a temporary file, fsynced, renamed over, directory fsynced. The
-    /// temporary file's own handle is kept and becomes the messages file,
-    /// so nothing is reopened after the rename (a reopen that failed, on
-    /// EMFILE say, would leave appends going to the unlinked old inode).
-    /// On error before the rename, the old file stays in place and in use.
-    pub fn compact_from(&mut self, offset: u64) -> io::Result<()> {
-        let tmp = with_suffix(&self.path, ".tmp");
-        let fresh = copy_to_new_file(&self.disk, &self.file, offset..self.len, &tmp)?;
-        if let Err(err) = self.disk.rename(&tmp, &self.path) {
-            let _ = fs::remove_file(&tmp);
-            return Err(context(err, "rename over", &self.path));
-        }
-        // From here the new file is the messages file, whatever follows;
-        // its offset is at its end already.
-        self.file = Arc::new(fresh);
-        self.len -= offset;
-        sync_dir(&self.disk, &self.path)
-    }
-}
-
-/// Creates `path` (0600) holding the bytes `range` of `source`, fsynced,
-/// copied a block at a time; returns it open, its offset at its end.
-fn copy_to_new_file(
-    disk: &Disk,
-    source: &File,
-    range: std::ops::Range<u64>,
-    path: &Path,
-) -> io::Result<File> {
-    use std::os::unix::fs::FileExt;
-    let file = create_private(path)?;
-    let mut block = vec![0u8; 64 * 1024];
-    let mut at = range.start;
-    let copied = (|| {
-        while at < range.end {
-            let n = block.len().min((range.end - at) as usize);
-            source
-                .read_exact_at(&mut block[..n], at)
-                .map_err(|e| context(e, "read back", path))?;
-            disk.write_all(&file, &block[..n])
-                .map_err(|e| context(e, "write", path))?;
-            at += n as u64;
-        }
-        disk.sync_all(&file).map_err(|e| context(e, "fsync", path))
-    })();
-    if let Err(err) = copied {
-        let _ = fs::remove_file(path);
-        return Err(err);
-    }
-    Ok(file)
-}
-
 /// `--repair`: keeps the first `valid_len` bytes of `path`, after saving
 /// the whole original as `<path>.corrupt-<unix time>`. Returns that name.
 pub fn repair(path: &Path, valid_len: u64, unix_time: u64) -> io::Result<PathBuf> {
@@ -1188,20 +984,12 @@ mod tests {
     }
 
     #[test]
-    fn files_append_rewrite_and_repair() {
+    fn files_repair_and_offsets() {
         let dir = std::env::temp_dir().join(format!("mq-store-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("messages.dat");
         let (bytes, _, ends) = sample(6);
-        let mut file = MessageFile::open(&path, 0, Disk::real()).unwrap();
-        file.append(&bytes).unwrap();
-        file.sync().unwrap();
-        assert_eq!(file.len(), bytes.len() as u64);
-        file.compact_from(ends[3]).unwrap();
-        let on_disk = fs::read(&path).unwrap();
-        assert_eq!(on_disk, bytes[ends[3] as usize..]);
-        file.append(b"").unwrap();
 
         // Damage in the middle, then repair keeps the prefix and the original.
         let mut damaged = bytes.clone();
@@ -1261,56 +1049,6 @@ mod tests {
         plan.fail(DiskOp::Fsync, 2, 1);
         assert!(save_offsets(&Disk::with_faults(plan), &path, &new).is_err());
         assert_eq!(load_offsets(&path, false).unwrap().0, new);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_failed_append_is_cut_back_or_reported() {
-        use crate::disk::{DiskOp, FaultPlan};
-        let dir = fault_dir("append");
-        let path = dir.join("messages.dat");
-        let plan = FaultPlan::new();
-        let mut file = MessageFile::open(&path, 0, Disk::with_faults(plan.clone())).unwrap();
-        file.append(b"1:1:1:a\n").unwrap();
-        plan.fail(DiskOp::Write, 1, 1);
-        assert!(file.append(b"2:1:1:b\n").is_err());
-        assert_eq!(file.len(), 8);
-        file.append(b"2:1:1:c\n").unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"1:1:1:a\n2:1:1:c\n");
-        // Neither the write nor the cut back works: the error says both.
-        plan.fail(DiskOp::Write, 1, 1);
-        plan.fail(DiskOp::Truncate, 1, 1);
-        let err = file.append(b"3:1:1:d\n").unwrap_err().to_string();
-        assert!(err.contains("append") && err.contains("truncate"), "{err}");
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn compaction_keeps_the_old_file_until_the_rename_and_the_new_after() {
-        use crate::disk::{DiskOp, FaultPlan};
-        let dir = fault_dir("rewrite");
-        let path = dir.join("messages.dat");
-        let (bytes, _, ends) = sample(6);
-        let plan = FaultPlan::new();
-        let mut file = MessageFile::open(&path, 0, Disk::with_faults(plan.clone())).unwrap();
-        file.append(&bytes[..ends[4] as usize]).unwrap();
-        for (op, nth) in [(DiskOp::Write, 1), (DiskOp::Fsync, 1), (DiskOp::Rename, 1)] {
-            plan.fail(op, nth, 1);
-            assert!(file.compact_from(ends[2]).is_err(), "{op:?}");
-            assert_eq!(
-                fs::read(&path).unwrap(),
-                bytes[..ends[4] as usize],
-                "{op:?}"
-            );
-            assert!(!with_suffix(&path, ".tmp").exists(), "{op:?}");
-        }
-        // Past the rename (the directory's fsync fails): the new file is
-        // the one appended to, never the unlinked old inode.
-        plan.fail(DiskOp::Fsync, 2, 1);
-        assert!(file.compact_from(ends[2]).is_err());
-        file.append(&bytes[ends[4] as usize..]).unwrap();
-        assert_eq!(fs::read(&path).unwrap(), bytes[ends[2] as usize..]);
-        assert_eq!(file.len(), bytes.len() as u64 - ends[2]);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

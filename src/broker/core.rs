@@ -1,25 +1,27 @@
 //! The shell around the broker's state machine: it applies what
-//! [`State`](super::state::State) decides to the ring in shared memory,
-//! the messages file and the sockets, and hands typed replies to the
-//! session, which encodes them.
+//! [`State`](super::state::State) decides to the segment log (the queue of
+//! record), the ring in shared memory (the window over the newest
+//! messages) and the sockets, and hands typed replies to the session,
+//! which encodes them.
 //!
 //! Locks, in the order they are taken: a worker's own connection write
 //! lock (held for a whole batch, so no push lands inside its replies) →
-//! `inner` (the state machine, the messages file) → the ring's SysV MUTEX
+//! `inner` (the state machine, the segment log) → the ring's SysV MUTEX
 //! → the durability lock. Pushes to *other* connections are sent after
 //! `inner` is released and only ever `try_lock` their write lock, so no
-//! cycle can form. Nobody waits for room in the ring while holding
-//! `inner` (senders reserve slots first), and nobody blocks on a socket
-//! while holding it.
+//! cycle can form. A sender that finds the queue full waits on `room`,
+//! which releases `inner` while it waits; nobody blocks on a socket while
+//! holding `inner`.
 //!
-//! Invariants: the ring holds exactly the ids `head..next_id`; every id in
-//! it is also in the messages file; an `OK:MSG_ID` is produced only after
-//! the record's write returned (and, under `always`, its fsync); a SEND
-//! answered `ERROR:` is never delivered. With one process attached, the
-//! ring's MUTEX is always taken inside `inner`, so it never makes anyone
-//! wait; it is there for any other process that reads the ring.
+//! Invariants: the log holds every id `head..next_id`; the ring holds the
+//! ids `ring_first..next_id`, at most its slots, each also in the log; an
+//! `OK:MSG_ID` is produced only after the record's write returned (and,
+//! under `always`, its fsync); a SEND answered `ERROR:` is never
+//! delivered. Memory does not grow with the backlog: nothing here is kept
+//! per message. With one process attached, the ring's MUTEX is always
+//! taken inside `inner`, so it never makes anyone wait; it is there for any
+//! other process that reads the ring.
 
-use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,11 +35,11 @@ use super::state::{ConsumerKey, RegisterError, Rules, State};
 use crate::log::{Level, Logger};
 use crate::protocol::{ErrorCode, Reply, StatValue};
 use crate::queue::Ring;
-use crate::store::{self, FsyncPolicy, MessageFile};
+use crate::segments::{SegmentError, SegmentLog};
+use crate::store::{self, FsyncPolicy};
 
-/// Below this size the messages file is never compacted: rewriting tiny
-/// files often would cost more than the disk it saves.
-pub const COMPACT_MIN_BYTES: u64 = 1 << 20;
+/// A sender waiting for room looks at its `give_up` condition this often.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 /// Seconds since the Unix epoch, 0 if the clock is before it.
 pub fn unix_now() -> u64 {
@@ -45,30 +47,6 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// The content of message `id` read from the messages file, when its ring
-/// slot cannot be trusted. The records `head..next_id` are the file's last
-/// `live_bytes` bytes and `record_lens` are their lengths (the broker's
-/// own account), so the offset of `id` is known without a scan.
-fn content_from_file(
-    file: &MessageFile,
-    (record_lens, live_bytes): (&VecDeque<u32>, u64),
-    head: u64,
-    id: u64,
-) -> io::Result<Vec<u8>> {
-    let index = usize::try_from(id - head).map_err(io::Error::other)?;
-    let before: u64 = record_lens.iter().take(index).map(|&n| u64::from(n)).sum();
-    let offset = file
-        .len()
-        .checked_sub(live_bytes)
-        .map(|start| start + before)
-        .ok_or_else(|| io::Error::other("fewer bytes in the messages file than live records"))?;
-    let len = record_lens
-        .get(index)
-        .map(|&n| u64::from(n))
-        .ok_or_else(|| io::Error::other(format!("message {id} is not held")))?;
-    file.read_record_of_len(offset, id, len)
 }
 
 /// Where the core's typed replies go: the session encodes them.
@@ -102,16 +80,19 @@ pub struct CoreConfig {
     pub max_ack_pending: usize,
     /// Cursors kept at most: a new id past it is refused.
     pub max_consumers: usize,
+    /// Messages the queue holds at most (`--capacity`).
+    pub capacity: u64,
+    /// Record bytes the segments hold at most (`--max-bytes`).
+    pub max_bytes: u64,
 }
 
 /// What `inner` guards.
 struct Inner {
     state: State,
-    file: MessageFile,
-    /// Record bytes of the ids `head..next_id`, oldest first: the broker's
-    /// own account, never read back from the segment.
-    record_lens: VecDeque<u32>,
-    live_bytes: u64,
+    log: SegmentLog,
+    /// The oldest id in the ring: it holds `ring_first..next_id` (the
+    /// broker's own account, never read back from the segment).
+    ring_first: u64,
     /// Encoded records of the SEND batch being stored.
     scratch: Vec<u8>,
     /// The content of the message being delivered.
@@ -123,6 +104,15 @@ enum Chunk {
     Stored { first: u64, count: usize },
     Failed { count: usize },
     Full,
+}
+
+/// Why an append stored nothing.
+enum AppendError {
+    /// A write (or the ring) failed; nothing of the batch is anywhere.
+    Io(io::Error),
+    /// A roll's fdatasync of the segment it sealed failed: as a failed
+    /// group commit, the records since the last good fsync may be lost.
+    Sync(super::durability::SyncFailure),
 }
 
 /// The shared heart of the broker.
@@ -138,28 +128,30 @@ pub struct Core {
     used_flag: AtomicBool,
     ring: Ring,
     inner: Mutex<Inner>,
+    /// Signalled (with `inner`) when room is made: the head moved, a
+    /// segment was deleted, messages were cut back.
+    room: Condvar,
     started: Instant,
 }
 
 impl Core {
-    /// Builds the core over a ring already filled with the ids
-    /// `recovered.start.head..recovered.start.next_id`.
+    /// Builds the core over a ring already filled with the newest ids
+    /// up to `recovered.start.next_id`.
     pub fn new(
         config: CoreConfig,
         log: Arc<Logger>,
         ring: Ring,
-        recovered: Recovered,
+        mut recovered: Recovered,
     ) -> io::Result<Core> {
-        // What the file holds now counts as durable from here on.
-        recovered.file.sync()?;
+        // What the log holds now counts as durable from here on.
+        recovered.log.sync()?;
         let last = recovered.start.next_id - 1;
         let durability = Durability::new(
             config.fsync,
-            recovered.file.disk().clone(),
+            recovered.log.disk().clone(),
             config.messages_file.clone(),
-            recovered.file.sync_handle(),
+            recovered.log.active_handle(),
             last,
-            recovered.file.len(),
         );
         let rules = Rules {
             max_ack_pending: config.max_ack_pending,
@@ -167,9 +159,18 @@ impl Core {
             consumer_ttl: config.consumer_ttl,
             visible_when_synced: config.fsync == FsyncPolicy::Always,
             max_consumers: config.max_consumers,
+            capacity: config.capacity,
         };
         let now = Instant::now();
-        let live_bytes = recovered.record_lens.iter().map(|&n| u64::from(n)).sum();
+        let ring_first = ring.lock().and_then(|guard| {
+            let (first, next) = guard.bounds();
+            guard.unlock()?;
+            assert_eq!(
+                next, recovered.start.next_id,
+                "the ring ends at the next id"
+            );
+            Ok(first)
+        })?;
         Ok(Core {
             log,
             config,
@@ -181,12 +182,12 @@ impl Core {
             ring,
             inner: Mutex::new(Inner {
                 state: State::new(rules, recovered.start, now),
-                file: recovered.file,
-                record_lens: recovered.record_lens,
-                live_bytes,
+                log: recovered.log,
+                ring_first,
                 scratch: Vec::new(),
                 content: Vec::new(),
             }),
+            room: Condvar::new(),
             started: now,
         })
     }
@@ -197,8 +198,8 @@ impl Core {
 
     /// Stores `contents` (each already checked for size) and answers one
     /// reply per message, in order: `OK:MSG_ID`, or `ERROR:Queue full` once
-    /// the ring stayed full past the send timeout (or `give_up` said so),
-    /// or `ERROR:Persistence failure`.
+    /// the queue stayed full (`--capacity` or `--max-bytes`) past the send
+    /// timeout (or `give_up` said so), or `ERROR:Persistence failure`.
     pub fn send_batch(
         &self,
         contents: &[&[u8]],
@@ -206,10 +207,11 @@ impl Core {
         give_up: &dyn Fn() -> bool,
     ) {
         let deadline = Instant::now() + self.config.send_timeout;
-        let capacity = self.ring.capacity() as usize;
+        // A chunk never needs more slots than the ring has.
+        let slots = self.ring.slots() as usize;
         let mut done = 0;
         while done < contents.len() {
-            let want = (contents.len() - done).min(capacity);
+            let want = (contents.len() - done).min(slots);
             match self.store_chunk(&contents[done..done + want], deadline, give_up) {
                 Chunk::Stored { first, count } => {
                     (0..count as u64).for_each(|k| out(Reply::MsgId(first + k)));
@@ -237,152 +239,171 @@ impl Core {
     /// Stores as much of `chunk` as there is room for (waiting, bounded,
     /// for some), durably under `always`.
     fn store_chunk(&self, chunk: &[&[u8]], deadline: Instant, give_up: &dyn Fn() -> bool) -> Chunk {
-        // Fast path: take the slots and the queue's MUTEX in one semop, if
-        // there is room for all of them now.
-        let mut attempted = chunk.len();
-        let mut result = self.append(chunk, false);
-        if let Ok(None) = result {
-            // Not enough room: wait (bounded) for some, without locks.
-            let reserved = self
-                .ring
-                .reserve(chunk.len(), deadline, give_up)
-                .unwrap_or_else(|err| {
-                    self.log.error(format_args!("queue: {err}"));
-                    0
-                });
-            if reserved == 0 {
+        let timestamp = unix_now();
+        let mut guard = self.inner();
+        let count = loop {
+            let fit = self.fitting(&guard, chunk, timestamp);
+            if fit > 0 {
+                break fit;
+            }
+            // Full: wait for room without holding `inner` (the condvar
+            // gives it back while waiting), in slices, noticing shutdown.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || give_up() {
                 return Chunk::Full;
             }
-            attempted = reserved;
-            result = self.append(&chunk[..reserved], true);
-        }
+            guard = self
+                .room
+                .wait_timeout(guard, left.min(WAIT_SLICE))
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        };
+        let result = self.append(&mut guard, &chunk[..count], timestamp);
+        drop(guard);
         let first = match result {
-            Ok(Some(first)) => first,
-            Ok(None) => unreachable!("reserved slots always take the append"),
-            Err(err) => {
-                self.durability.store_failed(&self.log, attempted, &err);
-                return Chunk::Failed { count: attempted };
+            Ok(first) => first,
+            Err(AppendError::Io(err)) => {
+                self.durability.store_failed(&self.log, count, &err);
+                return Chunk::Failed { count };
+            }
+            Err(AppendError::Sync(failure)) => {
+                self.durability.store_failed(&self.log, count, &failure);
+                if self.config.fsync == FsyncPolicy::Always {
+                    self.cut_unsynced(failure.generation);
+                }
+                return Chunk::Failed { count };
             }
         };
         if self.config.fsync == FsyncPolicy::Always {
-            if let Err(failure) = self.durability.sync_to(first + attempted as u64 - 1) {
-                self.durability.store_failed(&self.log, attempted, &failure);
+            if let Err(failure) = self.durability.sync_to(first + count as u64 - 1) {
+                self.durability.store_failed(&self.log, count, &failure);
                 self.cut_unsynced(failure.generation);
-                return Chunk::Failed { count: attempted };
+                return Chunk::Failed { count };
             }
             self.publish_synced();
         }
         self.durability.store_succeeded(&self.log);
-        Chunk::Stored {
-            first,
-            count: attempted,
-        }
+        Chunk::Stored { first, count }
     }
 
-    /// Appends `chunk` to the file and the ring; returns the first id.
-    /// With `reserved`, the caller already took the slots; without, they
-    /// are taken here together with the MUTEX, and `Ok(None)` says there
-    /// was not room for all of `chunk` (nothing was stored). On error
-    /// nothing is stored and the slots are given back.
-    fn append(&self, chunk: &[&[u8]], reserved: bool) -> io::Result<Option<u64>> {
-        let mut guard = self.inner();
-        let inner = &mut *guard;
+    /// How many messages of `chunk` fit now: within `--capacity` messages
+    /// and `--max-bytes` record bytes on disk (the segments' bytes, so a
+    /// consumed part of the oldest segment counts until it is deleted).
+    fn fitting(&self, inner: &Inner, chunk: &[&[u8]], timestamp: u64) -> usize {
+        let room = inner.state.room().min(chunk.len() as u64) as usize;
+        let mut bytes_left = self
+            .config
+            .max_bytes
+            .saturating_sub(inner.log.total_bytes());
+        let first = inner.state.next_id();
+        let mut count = 0;
+        for (k, content) in chunk[..room].iter().enumerate() {
+            let len = store::record_len(first + k as u64, timestamp, content.len());
+            if len > bytes_left {
+                break;
+            }
+            bytes_left -= len;
+            count += 1;
+        }
+        count
+    }
+
+    /// Appends `chunk` to the log and the ring; returns the first id. The
+    /// ring evicts its oldest slots if it must, in the semop that takes
+    /// its slots. On error nothing is stored.
+    fn append(
+        &self,
+        inner: &mut Inner,
+        chunk: &[&[u8]],
+        timestamp: u64,
+    ) -> Result<u64, AppendError> {
         // Checked under the lock, so no append slips in between a failed
         // fsync and the cut back that follows it.
         if let Some(reason) = self.durability.refusing() {
-            if reserved {
-                let _ = self.ring.unreserve(chunk.len());
-            }
-            return Err(io::Error::other(reason));
+            return Err(AppendError::Io(io::Error::other(reason)));
         }
-        let mut ring = if reserved {
-            self.ring.lock().inspect_err(|_| {
-                let _ = self.ring.unreserve(chunk.len());
-            })?
-        } else {
-            match self.ring.lock_reserving(chunk.len())? {
-                Some(ring) => ring,
-                None => return Ok(None),
-            }
-        };
         let first = inner.state.next_id();
-        let timestamp = unix_now();
+        let n = chunk.len() as u64;
         inner.scratch.clear();
         for (k, content) in chunk.iter().enumerate() {
-            let before = inner.scratch.len();
             store::encode_record(&mut inner.scratch, first + k as u64, timestamp, content);
-            inner
-                .record_lens
-                .push_back((inner.scratch.len() - before) as u32);
         }
-        let old_len = inner.file.len();
-        let written = inner.file.append(&inner.scratch);
-        if let Err(err) = written {
-            // Nothing was stored (the file is cut back): give the slots back.
-            inner
-                .record_lens
-                .truncate(inner.record_lens.len() - chunk.len());
-            let _ = ring.unlock_giving_back(chunk.len());
-            return Err(err);
+        let sealed = inner.log.segment_count();
+        if let Err(err) = inner.log.append(&inner.scratch, first, n) {
+            let fsync = matches!(&err, SegmentError::Io { what: "fsync", .. });
+            let err = io::Error::from(err);
+            return Err(match fsync {
+                true => AppendError::Sync(self.durability.failed_elsewhere(err)),
+                false => AppendError::Io(err),
+            });
         }
-        if let Err(err) = ring.push(timestamp, chunk) {
-            // The ring had no room for what was reserved (its counts were
-            // changed from outside): store nothing.
-            inner
-                .record_lens
-                .truncate(inner.record_lens.len() - chunk.len());
-            let _ = inner.file.cut_back(old_len);
-            let _ = ring.unlock_giving_back(chunk.len());
-            return Err(err);
-        }
-        if let Err(err) = ring.unlock_pushed(chunk.len()) {
-            // The semaphores are gone: keep file and ids as they were.
-            inner
-                .record_lens
-                .truncate(inner.record_lens.len() - chunk.len());
-            let _ = inner.file.cut_back(old_len);
-            return Err(err);
+        if let Err(err) = self.push_to_ring(inner, first, chunk, timestamp) {
+            // The ring's counts were changed from outside: store nothing.
+            let _ = inner.log.cut_back(first);
+            return Err(AppendError::Io(err));
         }
         self.mark_used();
-        let n = chunk.len() as u64;
-        inner.live_bytes += inner.scratch.len() as u64;
         let pushes = inner.state.stored(n);
-        self.durability.appended(first + n - 1, inner.file.len());
-        drop(guard);
+        let rolled = inner.log.segment_count() != sealed;
+        self.durability.appended(
+            first + n - 1,
+            inner.log.active_handle(),
+            rolled.then(|| inner.log.active_first_id()),
+        );
         self.counters.stored.fetch_add(n, Ordering::Relaxed);
         if self.log.enabled(Level::Debug) {
             self.log
                 .debug(format_args!("stored messages {first}..={}", first + n - 1));
         }
         self.conns.push(&pushes);
-        Ok(Some(first))
+        Ok(first)
+    }
+
+    /// Pushes the messages `first..` to the ring, evicting the oldest
+    /// slots when fewer are free (the ring is the window over the newest).
+    fn push_to_ring(
+        &self,
+        inner: &mut Inner,
+        first: u64,
+        chunk: &[&[u8]],
+        timestamp: u64,
+    ) -> io::Result<()> {
+        let slots = self.ring.slots();
+        let used = first - inner.ring_first;
+        let evict = (used + chunk.len() as u64).saturating_sub(slots);
+        let mut ring = self.ring.lock_appending(evict as usize, chunk.len())?;
+        inner.ring_first = ring.bounds().0;
+        if let Err(err) = ring.push(timestamp, chunk) {
+            let _ = ring.unlock_giving_back(chunk.len());
+            return Err(err);
+        }
+        ring.unlock_pushed(chunk.len())
     }
 
     /// Under `always`, after the failed fsync `generation`: cuts every
-    /// message written since the last good fsync from the file and the
-    /// ring (nobody saw them; their senders are told `ERROR:`). If that
-    /// cannot be done, SENDs stay refused until a restart.
+    /// message written since the last good fsync from the active segment
+    /// and the ring (nobody saw them; their senders are told `ERROR:`). If
+    /// that cannot be done, SENDs stay refused until a restart.
     fn cut_unsynced(&self, generation: u64) {
         let mut guard = self.inner();
         let inner = &mut *guard;
-        let Some((synced, synced_len)) = self.durability.cut_point(generation) else {
+        let Some(synced) = self.durability.cut_point(generation) else {
             return;
         };
         let new_next = synced + 1;
-        let count = (inner.state.next_id() - new_next) as usize;
         let ok = inner
-            .file
-            .cut_back(synced_len)
-            .and_then(|()| inner.file.sync());
-        let ok = ok.and_then(|()| self.ring.lock()?.unlock_dropping_newest(count));
+            .log
+            .cut_back(new_next)
+            .and_then(|()| inner.log.sync())
+            .map_err(io::Error::from);
+        let ok = ok.and_then(|()| self.ring.lock()?.unlock_cutting_to(new_next));
         if let Err(err) = &ok {
             self.log
                 .error(format_args!("cutting back unsynced messages: {err}"));
         } else {
             inner.state.cut_back(new_next);
-            let keep = inner.record_lens.len() - count;
-            let cut: u64 = inner.record_lens.drain(keep..).map(u64::from).sum();
-            inner.live_bytes -= cut;
+            inner.ring_first = inner.ring_first.min(new_next);
+            self.room.notify_all();
         }
         self.durability.cut_done(generation, ok.is_ok(), &self.log);
     }
@@ -396,47 +417,35 @@ impl Core {
 
     /// Answers `count` pipelined `GET`s on `conn`: `MSG:` for each message
     /// waiting, then `ERROR:No messages available`, then a NOTIFY if more
-    /// are waiting.
+    /// are waiting. Each message comes from the ring if it is in the
+    /// window, else from the segments (consecutive ids in one read).
     pub fn get_batch(&self, conn: &Conn, count: usize, out: &mut Replies<'_>) {
         let mut guard = self.inner();
         let inner = &mut *guard;
-        let ring = match self.ring.lock() {
-            Ok(ring) => ring,
-            Err(err) => {
-                self.log.error(format_args!("queue: {err}"));
-                (0..count).for_each(|_| out(Reply::error(ErrorCode::NoMessages)));
-                return;
-            }
-        };
         let got = inner.state.get(conn.id, count, Instant::now());
         conn.set_epoch(got.epoch);
-        for delivery in &got.messages {
-            inner.content.clear();
-            if let Err(mismatch) = ring.append_content(delivery.id, &mut inner.content) {
-                // The slot was overwritten from outside: the messages file
-                // is the queue of record.
-                let head = inner.state.head();
-                let lens = (&inner.record_lens, inner.live_bytes);
-                match content_from_file(&inner.file, lens, head, delivery.id) {
-                    Ok(content) => inner.content = content,
-                    Err(err) => {
-                        self.log.error(format_args!("{mismatch}; and {err}"));
-                        out(Reply::error(ErrorCode::PersistenceFailure));
-                        continue;
-                    }
+        let messages = &got.messages;
+        let mut i = 0;
+        while i < messages.len() {
+            let id = messages[i].id;
+            let mut run = 1;
+            if id >= inner.ring_first {
+                // The window from here on: every later id is in it too
+                // unless it is a redelivery of an older one.
+                while i + run < messages.len() && messages[i + run].id >= inner.ring_first {
+                    run += 1;
                 }
-                self.log.error(format_args!(
-                    "{mismatch}; message {} served from the messages file",
-                    delivery.id
-                ));
+                self.serve_from_ring(inner, &messages[i..i + run], out);
+            } else {
+                while i + run < messages.len()
+                    && messages[i + run].id == id + run as u64
+                    && messages[i + run].id < inner.ring_first
+                {
+                    run += 1;
+                }
+                serve_from_log(&self.log, &inner.log, id, run, out);
             }
-            out(Reply::Msg {
-                id: delivery.id,
-                content: &inner.content,
-            });
-        }
-        if let Err(err) = ring.unlock() {
-            self.log.error(format_args!("queue: {err}"));
+            i += run;
         }
         (0..got.empty).for_each(|_| out(Reply::error(ErrorCode::NoMessages)));
         if let Some(waiting) = got.notify {
@@ -445,6 +454,47 @@ impl Core {
         self.release(inner);
         drop(guard);
         self.count_deliveries(conn, &got.messages);
+    }
+
+    /// Serves `deliveries` (all in the window) from the ring; a slot that
+    /// does not hold what the broker stored there, or a ring that cannot
+    /// be locked, is served from the log, which is the queue of record.
+    fn serve_from_ring(
+        &self,
+        inner: &mut Inner,
+        deliveries: &[super::state::Delivery],
+        out: &mut Replies<'_>,
+    ) {
+        let ring = match self.ring.lock() {
+            Ok(ring) => ring,
+            Err(err) => {
+                self.log
+                    .error(format_args!("queue: {err}; serving from the log"));
+                for d in deliveries {
+                    serve_from_log(&self.log, &inner.log, d.id, 1, out);
+                }
+                return;
+            }
+        };
+        for delivery in deliveries {
+            inner.content.clear();
+            match ring.append_content(delivery.id, &mut inner.content) {
+                Ok(()) => out(Reply::Msg {
+                    id: delivery.id,
+                    content: &inner.content,
+                }),
+                Err(mismatch) => {
+                    self.log.error(format_args!(
+                        "{mismatch}; message {} served from the log",
+                        delivery.id
+                    ));
+                    serve_from_log(&self.log, &inner.log, delivery.id, 1, out);
+                }
+            }
+        }
+        if let Err(err) = ring.unlock() {
+            self.log.error(format_args!("queue: {err}"));
+        }
     }
 
     fn count_deliveries(&self, conn: &Conn, messages: &[super::state::Delivery]) {
@@ -486,26 +536,42 @@ impl Core {
         self.conns.push(&acked.notify);
     }
 
-    /// Drops from the ring the messages every cursor has passed.
+    /// Releases the messages every cursor has passed: the head moves and
+    /// every whole segment before it is deleted (which needs no new space
+    /// and does not wait for the offsets save, so a full disk recovers as
+    /// consumers move on). Senders waiting for room are woken.
     fn release(&self, inner: &mut Inner) {
         let Some(new_head) = inner.state.take_release() else {
             return;
         };
-        match self
-            .ring
-            .lock()
-            .and_then(|ring| ring.unlock_released(new_head))
-        {
-            Ok(()) => {
-                let count = (new_head - inner.state.head()) as usize;
-                let freed: u64 = inner.record_lens.drain(..count).map(u64::from).sum();
-                inner.live_bytes -= freed;
-                inner.state.released(new_head);
+        inner.state.released(new_head);
+        self.delete_segments(inner);
+        self.room.notify_all();
+    }
+
+    /// Deletes the segments wholly before the head (never the active one).
+    fn delete_segments(&self, inner: &mut Inner) {
+        match inner.log.delete_before(inner.state.head()) {
+            Ok(freed) if freed.segments > 0 => {
+                self.room.notify_all();
+                if self.log.enabled(Level::Debug) {
+                    self.log.debug(format_args!(
+                        "deleted {} consumed segment(s), {} bytes",
+                        freed.segments, freed.bytes
+                    ));
+                }
             }
+            Ok(_) => {}
             Err(err) => self
                 .log
-                .error(format_args!("queue: releasing up to {new_head}: {err}")),
+                .error(format_args!("deleting consumed segments: {err}")),
         }
+    }
+
+    /// Housekeeping: deletes consumed segments a failed delete left.
+    pub fn delete_consumed(&self) {
+        let mut guard = self.inner();
+        self.delete_segments(&mut guard);
     }
 
     /// Registers `conn` as a consumer under `requested` (or a new id), in
@@ -576,7 +642,7 @@ impl Core {
         self.release(&mut guard);
     }
 
-    /// Fsyncs the messages file if anything was written since the last
+    /// Fsyncs the active segment if anything was written since the last
     /// fsync (the `interval` policy's tick, and shutdown).
     pub fn sync_now(&self) -> io::Result<()> {
         match self.durability.sync_now() {
@@ -596,7 +662,7 @@ impl Core {
     }
 
     /// Saves the offsets file if a cursor moved (or `force`). Under
-    /// `always` and `interval` the messages file is fsynced first, so an
+    /// `always` and `interval` the active segment is fsynced first, so an
     /// offset never reaches the disk ahead of the messages it covers.
     pub fn save_offsets(&self, force: bool) -> io::Result<()> {
         if !force && !self.inner().state.is_dirty() {
@@ -614,59 +680,22 @@ impl Core {
                 .snapshot(synced, self.durability.offsets_cover(synced))
         };
         self.durability
-            .save_offsets(snapshot, self.ring.capacity())
+            .save_offsets(snapshot, self.config.capacity)
             .inspect_err(|_| self.inner().state.mark_dirty())
-    }
-
-    /// Rewrites the messages file down to the live records when consumed
-    /// ones dominate it (or always, with `force`, if any are consumed).
-    /// NEXT_ID reaches the offsets file before the records that prove it
-    /// are dropped.
-    pub fn compact_if_worth_it(&self, force: bool) -> io::Result<()> {
-        let mut guard = self.inner();
-        let inner = &mut *guard;
-        let len = inner.file.len();
-        let dead = len - inner.live_bytes;
-        let worth = if force {
-            dead > 0
-        } else {
-            len >= COMPACT_MIN_BYTES && dead > inner.live_bytes
-        };
-        if !worth {
-            return Ok(());
-        }
-        let last = inner.state.next_id() - 1;
-        self.durability
-            .sync_to(last)
-            .map_err(|failure| failure.error)?;
-        let snapshot = inner.state.snapshot(last, last);
-        self.durability
-            .save_offsets(snapshot, self.ring.capacity())?;
-        inner.state.take_dirty();
-        inner.file.compact_from(dead)?;
-        self.durability
-            .replaced_file(inner.file.sync_handle(), last, inner.file.len());
-        self.log.info(format_args!(
-            "compacted {}: {len} -> {} bytes ({} live messages)",
-            inner.file.path().display(),
-            inner.file.len(),
-            inner.state.held()
-        ));
-        Ok(())
     }
 
     /// The `STATS` fields.
     pub fn stats(&self) -> Vec<(&'static str, StatValue<'static>)> {
-        let (held, next_id, cursors, in_flight, file_len) = {
+        let (held, next_id, cursors, in_flight, held_bytes, segments) = {
             let inner = self.inner();
             let state = &inner.state;
-            let held = state.held();
             (
-                held,
+                state.held(),
                 state.next_id(),
                 state.cursor_count(),
                 state.in_flight(),
-                inner.file.len(),
+                inner.log.total_bytes(),
+                inner.log.segment_count(),
             )
         };
         let c = &self.counters;
@@ -674,7 +703,11 @@ impl Core {
         let gauge = |a: &AtomicU64| StatValue::Gauge(a.load(Ordering::Relaxed));
         vec![
             ("messages", StatValue::Gauge(held)),
-            ("capacity", StatValue::Gauge(self.ring.capacity())),
+            ("capacity", StatValue::Gauge(self.config.capacity)),
+            ("ring", StatValue::Gauge(self.ring.slots())),
+            ("held_bytes", StatValue::Gauge(held_bytes)),
+            ("max_bytes", StatValue::Gauge(self.config.max_bytes)),
+            ("segments", StatValue::Gauge(segments as u64)),
             ("next_id", StatValue::Gauge(next_id)),
             ("stored", count(&c.stored)),
             ("delivered", count(&c.delivered)),
@@ -690,7 +723,7 @@ impl Core {
             ("redelivered", count(&c.redelivered)),
             ("refused_full", count(&c.refused_full)),
             ("idle_drops", count(&c.idle_drops)),
-            ("file_bytes", StatValue::Gauge(file_len)),
+            ("file_bytes", StatValue::Gauge(held_bytes)),
             ("fsync", StatValue::Text(self.config.fsync.name())),
             (
                 "uptime_s",
@@ -751,6 +784,26 @@ impl Core {
     pub fn summary(&self) -> (u64, u64) {
         let inner = self.inner();
         (inner.state.held(), inner.state.next_id())
+    }
+}
+
+/// Serves `count` consecutive messages from `id` on out of the segments,
+/// in one read; what cannot be read is answered `ERROR:Persistence
+/// failure` (and logged), so the replies stay one per message.
+fn serve_from_log(logger: &Logger, log: &SegmentLog, id: u64, count: usize, out: &mut Replies<'_>) {
+    let mut served = 0;
+    let read = log.read_each(id, count, u64::MAX, |got, _, content| {
+        out(Reply::Msg { id: got, content });
+        served += 1;
+    });
+    if served < count {
+        match read {
+            Err(err) => logger.error(format_args!("reading message {id} from the log: {err}")),
+            Ok(_) => logger.error(format_args!(
+                "reading messages {id}..: the log ended after {served} of {count}"
+            )),
+        }
+        (served..count).for_each(|_| out(Reply::error(ErrorCode::PersistenceFailure)));
     }
 }
 

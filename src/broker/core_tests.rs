@@ -1,6 +1,6 @@
 //! The shell's fault tests: a real ring in shared memory (keys of the
-//! test's own) and a real messages file, with the disk's calls made to fail
-//! through [`FaultPlan`]. Each checks that the replies are the truth about
+//! test's own, 8 slots) and a real segment log, with the disk's calls made
+//! to fail through [`FaultPlan`]. Each checks that the replies are the truth about
 //! what is on disk: a SEND answered `ERROR:` is never delivered and never
 //! found by a restart's scan; one answered `OK:` under `always` is on disk.
 
@@ -9,12 +9,12 @@ use crate::broker::recovery::Recovered;
 use crate::broker::state::Start;
 use crate::disk::{Disk, DiskOp, FaultPlan};
 use crate::protocol::{self, Reply};
-use crate::store::{self, Tail};
+use crate::segments::SegmentLog;
+use crate::store;
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::atomic::AtomicU32;
 
-/// A core over a fresh ring and an empty messages file in `dir`.
+/// A core over a fresh ring and an empty segment log in `dir`.
 struct Harness {
     core: Core,
     dir: PathBuf,
@@ -27,6 +27,21 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl Harness {
     fn new(name: &str, fsync: FsyncPolicy) -> Harness {
+        Harness::with_segments(name, fsync, 1 << 20)
+    }
+
+    /// With segments of `segment_bytes`.
+    fn with_segments(name: &str, fsync: FsyncPolicy, segment_bytes: u64) -> Harness {
+        Harness::build(name, fsync, segment_bytes, |_| {})
+    }
+
+    /// With segments of `segment_bytes` and the settings `configure` makes.
+    fn build(
+        name: &str,
+        fsync: FsyncPolicy,
+        segment_bytes: u64,
+        configure: impl FnOnce(&mut CoreConfig),
+    ) -> Harness {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id() & 0xfff;
         let key = 0x5100_0000 | (pid << 12) as i32 | (n << 1) as i32;
@@ -37,18 +52,18 @@ impl Harness {
         let ring = Ring::create(key, key + 1, 8, 64, 1, None, &log).unwrap();
         let plan = FaultPlan::new();
         let path = dir.join("messages.dat");
-        let file = MessageFile::open(&path, 0, Disk::with_faults(Arc::clone(&plan))).unwrap();
+        let disk = Disk::with_faults(Arc::clone(&plan));
+        let (log_file, _) = SegmentLog::open(&path, disk, segment_bytes, 64).unwrap();
         let recovered = Recovered {
-            file,
+            log: log_file,
             start: Start {
                 next_id: 1,
                 head: 1,
                 next_consumer: 1,
                 cursors: Vec::new(),
             },
-            record_lens: VecDeque::new(),
         };
-        let config = CoreConfig {
+        let mut config = CoreConfig {
             messages_file: path,
             send_timeout: Duration::from_millis(10),
             consumer_ttl: Duration::from_secs(60),
@@ -56,7 +71,10 @@ impl Harness {
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 100,
             max_consumers: 100,
+            capacity: 1000,
+            max_bytes: 1 << 30,
         };
+        configure(&mut config);
         let core = Core::new(config, log, ring, recovered).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -92,15 +110,28 @@ impl Harness {
             .collect()
     }
 
-    /// The contents a restart would find in the messages file.
+    /// The contents a restart would find in the segments.
     fn on_disk(&self) -> Vec<String> {
-        let bytes = std::fs::read(self.dir.join("messages.dat")).unwrap();
-        let scan = store::scan(&bytes[..], 64, 0, 1000).unwrap();
-        assert_eq!(scan.tail, Tail::Clean);
-        scan.kept
+        let path = self.dir.join("messages.dat");
+        let (log, report) = SegmentLog::open(&path, Disk::real(), 1 << 20, 64).unwrap();
+        assert_eq!(report.torn, None);
+        log.read(log.first_id(), 1000, u64::MAX)
+            .unwrap()
             .into_iter()
             .map(|r| String::from_utf8(r.content).unwrap())
             .collect()
+    }
+
+    /// The segment files in the directory.
+    fn segments(&self) -> usize {
+        std::fs::read_dir(&self.dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                name.len() == "messages.dat.".len() + 20 && name.starts_with("messages.dat.")
+            })
+            .count()
     }
 }
 
@@ -160,6 +191,9 @@ fn under_always_a_failed_fsync_is_an_error_never_delivered_nor_found() {
 #[test]
 fn a_cut_back_that_fails_stops_every_send_until_restart() {
     let h = Harness::new("fence", FsyncPolicy::Always);
+    // The first SEND creates the first segment (and fsyncs its directory).
+    assert_eq!(h.send(&[b"a"]), [ok(1)]);
+    h.deliveries();
     h.plan.fail(DiskOp::Fsync, 1, 1);
     h.plan.fail(DiskOp::Truncate, 1, 1);
     assert_eq!(h.send(&[b"x"]), [failed()]);
@@ -204,19 +238,67 @@ fn a_failed_offsets_save_is_retried() {
 }
 
 #[test]
-fn a_failed_compaction_keeps_appending_to_the_live_file() {
-    let h = Harness::new("compact", FsyncPolicy::Always);
-    assert_eq!(h.send(&[b"old1", b"old2"]), [ok(1), ok(2)]);
-    assert_eq!(h.deliveries().len(), 2);
-    assert_eq!(h.send(&[b"live"]), [ok(3)]);
-    for (op, nth) in [(DiskOp::Write, 2), (DiskOp::Fsync, 3), (DiskOp::Rename, 2)] {
-        h.plan.fail(op, nth, 1);
-        assert!(h.core.compact_if_worth_it(true).is_err(), "{op:?}");
-        assert_eq!(h.on_disk(), ["old1", "old2", "live"], "{op:?}");
+fn consumed_segments_are_deleted_and_a_failed_delete_is_retried() {
+    // 30-byte segments: every SEND of one 20-byte record rolls.
+    let h = Harness::with_segments("delete", FsyncPolicy::Always, 30);
+    for (k, content) in [b"old1", b"old2", b"live"].iter().enumerate() {
+        assert_eq!(h.send(&[&content[..]]), [ok(k as u64 + 1)]);
     }
-    h.core.compact_if_worth_it(true).unwrap();
-    assert_eq!(h.on_disk(), ["live"]);
+    assert_eq!(h.segments(), 3);
+    h.plan.fail(DiskOp::Remove, 1, 1);
+    assert_eq!(h.deliveries().len(), 3);
+    assert_eq!(h.segments(), 3, "the delete failed");
+    h.core.delete_consumed();
+    assert_eq!(h.segments(), 1, "retried; the active segment stays");
     assert_eq!(h.send(&[b"after"]), [ok(4)]);
-    assert_eq!(h.on_disk(), ["live", "after"], "appends go to the new file");
-    assert!(!Path::new(&format!("{}.tmp", h.core.config.messages_file.display())).exists());
+    assert_eq!(
+        h.on_disk(),
+        ["live", "after"],
+        "live's segment goes at the next release"
+    );
+    h.deliveries();
+    assert_eq!(h.on_disk(), ["after"]);
+}
+
+#[test]
+fn a_roll_whose_fsync_fails_is_a_failed_send() {
+    let h = Harness::with_segments("roll", FsyncPolicy::Always, 30);
+    assert_eq!(h.send(&[b"one"]), [ok(1)]);
+    // The next SEND rolls: the fsync of the sealed segment fails.
+    h.plan.fail(DiskOp::Fsync, 1, 1);
+    assert_eq!(h.send(&[b"two"]), [failed()]);
+    assert_eq!(h.send(&[b"three"]), [ok(2)]);
+    assert_eq!(h.on_disk(), ["one", "three"]);
+    assert_eq!(h.deliveries(), ["MSG:1:one", "MSG:2:three"]);
+}
+
+#[test]
+fn behind_the_ring_messages_come_from_the_log_in_order() {
+    let h = Harness::with_segments("behind", FsyncPolicy::Never, 100);
+    let contents: Vec<String> = (1..=30).map(|k| format!("m{k}")).collect();
+    let refs: Vec<&[u8]> = contents.iter().map(|c| c.as_bytes()).collect();
+    let replies = h.send(&refs);
+    assert_eq!(replies.len(), 30);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.extend(h.deliveries());
+    }
+    let expected: Vec<String> = (1..=30).map(|k| format!("MSG:{k}:m{k}")).collect();
+    assert_eq!(got, expected, "22 from the log, 8 from the ring");
+}
+
+#[test]
+fn capacity_and_max_bytes_answer_queue_full_after_the_wait() {
+    let full = protocol::reply_text(&Reply::error(ErrorCode::QueueFull));
+    let h = Harness::build("full", FsyncPolicy::Never, 1 << 20, |c| c.capacity = 3);
+    assert_eq!(
+        h.send(&[b"a", b"b", b"c", b"d"]),
+        [ok(1), ok(2), ok(3), full.clone()]
+    );
+    assert_eq!(h.deliveries().len(), 3);
+    assert_eq!(h.send(&[b"e"]), [ok(4)], "consumed: room again");
+    // Each record of one byte is 15 bytes ("1:1700000000:1:a\n" is 17):
+    // 40 bytes hold two.
+    let h = Harness::build("bytes", FsyncPolicy::Never, 1 << 20, |c| c.max_bytes = 40);
+    assert_eq!(h.send(&[b"a", b"b", b"c"]), [ok(1), ok(2), full]);
 }

@@ -1,16 +1,21 @@
-//! Durability: the group commit that fsyncs the messages file, what a
+//! Durability: the group commit that fsyncs the active segment, what a
 //! failed fsync means, persistence-failure streaks, and the offsets file.
 //!
 //! Group commit: one fsync covers every append made before it started, so
-//! many senders waiting under `--fsync always` share one `fdatasync`.
+//! many senders waiting under `--fsync always` share one `fdatasync`. Only
+//! the active segment is ever unsynced: a roll fdatasyncs the segment it
+//! seals before the first record goes to the new one, and the shell hands
+//! the new file over with the append ([`Durability::appended`]).
 //!
 //! After a failed fsync the kernel may have dropped the dirty pages, so a
 //! later successful fsync proves nothing about them (PostgreSQL's
 //! "fsyncgate"). Hence the rules, in docs/operations.md "Faults":
 //! - `always`: every message written after the last good fsync is answered
 //!   `ERROR:Persistence failure`, is never shown to a consumer, and is cut
-//!   from the file and the ring ([`SyncFailure`] tells the shell to); until
-//!   the cut is done, and for good if it fails, no SEND is taken.
+//!   from the active segment and the ring ([`SyncFailure`] tells the shell
+//!   to); until the cut is done, and for good if it fails, no SEND is
+//!   taken. A roll whose fdatasync of the sealed segment fails counts as a
+//!   failed fsync ([`Durability::failed_elsewhere`]).
 //! - `interval`: a failed background fsync is logged and counted, and SENDs
 //!   are refused until an fsync succeeds again; what was acknowledged since
 //!   the last good fsync may be lost in a crash.
@@ -56,11 +61,12 @@ impl std::error::Error for SyncFailure {
 }
 
 struct SyncState {
-    file: Arc<File>,
-    /// Last id appended, and the file's length after it.
-    written: (u64, u64),
-    /// Last id known durable, and the file's length after it.
-    synced: (u64, u64),
+    /// The active segment (`None` while there is no segment at all).
+    file: Option<Arc<File>>,
+    /// Last id appended.
+    written: u64,
+    /// Last id known durable.
+    synced: u64,
     syncing: bool,
     /// The generation of an fsync failure not yet dealt with.
     failed: Option<u64>,
@@ -82,7 +88,7 @@ pub struct Durability {
     sync: Mutex<SyncState>,
     done: Condvar,
     streak: Streak,
-    /// Set while storing fails (housekeeping then compacts at once).
+    /// Set while storing fails.
     failing: AtomicBool,
     /// SENDs are refused until the broker restarts: a cut back failed.
     fenced: AtomicBool,
@@ -90,15 +96,14 @@ pub struct Durability {
 }
 
 impl Durability {
-    /// Starts with everything in `file` up to `last_id` (`len` bytes)
-    /// counted as durable; the caller fsynced it.
+    /// Starts with everything up to `last_id` counted as durable; the
+    /// caller fsynced it. `file` is the active segment.
     pub fn new(
         policy: FsyncPolicy,
         disk: Disk,
         messages_path: PathBuf,
-        file: Arc<File>,
+        file: Option<Arc<File>>,
         last_id: u64,
-        len: u64,
     ) -> Durability {
         Durability {
             policy,
@@ -106,8 +111,8 @@ impl Durability {
             messages_path,
             sync: Mutex::new(SyncState {
                 file,
-                written: (last_id, len),
-                synced: (last_id, len),
+                written: last_id,
+                synced: last_id,
                 syncing: false,
                 failed: None,
                 generations: 0,
@@ -131,14 +136,22 @@ impl Durability {
         None
     }
 
-    /// Records an append: messages up to `last_id`, the file `len` bytes.
-    pub fn appended(&self, last_id: u64, len: u64) {
-        lock(&self.sync).written = (last_id, len);
+    /// Records an append: messages up to `last_id`, in the active segment
+    /// `file`. After a roll, `rolled_at` is the new segment's first id:
+    /// the roll fdatasynced every record before it, so only the new
+    /// segment can hold unsynced ones (and a cut back stays inside it).
+    pub fn appended(&self, last_id: u64, file: Option<Arc<File>>, rolled_at: Option<u64>) {
+        let mut state = lock(&self.sync);
+        state.written = last_id;
+        state.file = file;
+        if let Some(first) = rolled_at {
+            state.synced = state.synced.max(first - 1);
+        }
     }
 
     /// Last id known durable.
     pub fn synced(&self) -> u64 {
-        lock(&self.sync).synced.0
+        lock(&self.sync).synced
     }
 
     /// Returns once every message up to `id` is fsynced; fsyncs itself if
@@ -148,7 +161,7 @@ impl Durability {
     pub fn sync_to(&self, id: u64) -> Result<(), SyncFailure> {
         let mut state = lock(&self.sync);
         loop {
-            if state.synced.0 >= id {
+            if state.synced >= id {
                 return Ok(());
             }
             if let (Some(generation), FsyncPolicy::Always) = (state.failed, self.policy) {
@@ -160,9 +173,9 @@ impl Durability {
             if !state.syncing {
                 state.syncing = true;
                 let target = state.written;
-                let file = Arc::clone(&state.file);
+                let file = state.file.clone();
                 drop(state);
-                let result = self.disk.sync_data(&file);
+                let result = file.map_or(Ok(()), |file| self.disk.sync_data(&file));
                 state = lock(&self.sync);
                 state.syncing = false;
                 self.done.notify_all();
@@ -197,13 +210,20 @@ impl Durability {
 
     /// Fsyncs whatever was written since the last fsync.
     pub fn sync_now(&self) -> Result<(), SyncFailure> {
-        let written = lock(&self.sync).written.0;
+        let written = lock(&self.sync).written;
         self.sync_to(written)
     }
 
-    /// Under `always`, after failure `generation`: the id and file length
-    /// to cut back to, unless another thread dealt with it already.
-    pub fn cut_point(&self, generation: u64) -> Option<(u64, u64)> {
+    /// An fsync made elsewhere failed (a roll's of the segment it sealed):
+    /// the same rules as a failed group commit.
+    pub fn failed_elsewhere(&self, error: io::Error) -> SyncFailure {
+        let mut state = lock(&self.sync);
+        self.sync_failed(&mut state, error)
+    }
+
+    /// Under `always`, after failure `generation`: the last id to keep
+    /// (the last durable one), unless another thread dealt with it already.
+    pub fn cut_point(&self, generation: u64) -> Option<u64> {
         let state = lock(&self.sync);
         (state.failed == Some(generation)).then_some(state.synced)
     }
@@ -220,26 +240,17 @@ impl Durability {
             state.failed = None;
             log.warn(format_args!(
                 "fsync failed: messages after id {} were refused and cut from the messages \
-                 file; taking messages again",
-                state.synced.0
+                 log; taking messages again",
+                state.synced
             ));
         } else {
             self.fenced.store(true, Ordering::Release);
             log.error(format_args!(
                 "fsync failed and the unsynced messages after id {} could not be cut back: \
                  refusing every SEND until the broker is restarted (it re-reads its files)",
-                state.synced.0
+                state.synced
             ));
         }
-    }
-
-    /// The file to fsync from now on (compaction replaced it): everything
-    /// in it, up to `last_id` and `len` bytes, is durable.
-    pub fn replaced_file(&self, file: Arc<File>, last_id: u64, len: u64) {
-        let mut state = lock(&self.sync);
-        state.file = file;
-        state.written = (last_id, len);
-        state.synced = (last_id, len);
     }
 
     /// Saves the offsets file from `snapshot`.
@@ -269,11 +280,6 @@ impl Durability {
             FsyncPolicy::Never => u64::MAX,
             _ => synced,
         }
-    }
-
-    /// Whether storing messages is failing now.
-    pub fn writes_failing(&self) -> bool {
-        self.failing.load(Ordering::Acquire)
     }
 
     /// `messages` could not be stored because of `err`.
@@ -322,6 +328,10 @@ mod tests {
     use super::*;
     use crate::disk::{DiskOp, FaultPlan};
 
+    fn active(durability: &Durability) -> Option<Arc<File>> {
+        lock(&durability.sync).file.clone()
+    }
+
     fn durability(policy: FsyncPolicy, plan: &Arc<FaultPlan>) -> (Durability, PathBuf) {
         let dir = std::env::temp_dir().join(format!(
             "mq-durability-{}-{:?}-{}",
@@ -333,7 +343,7 @@ mod tests {
         let path = dir.join("messages.dat");
         let file = Arc::new(File::create(&path).unwrap());
         let disk = Disk::with_faults(Arc::clone(plan));
-        (Durability::new(policy, disk, path, file, 0, 0), dir)
+        (Durability::new(policy, disk, path, Some(file), 0), dir)
     }
 
     #[test]
@@ -341,15 +351,15 @@ mod tests {
         let plan = FaultPlan::new();
         let (durability, dir) = durability(FsyncPolicy::Always, &plan);
         let log = Logger::stderr_only(crate::log::Level::Error);
-        durability.appended(2, 20);
+        durability.appended(2, active(&durability), None);
         durability.sync_to(2).unwrap();
-        durability.appended(5, 50);
+        durability.appended(5, active(&durability), None);
         plan.fail(DiskOp::Fsync, 1, 1);
         let failure = durability.sync_to(5).unwrap_err();
         assert_eq!(durability.fsync_failures.load(Ordering::Relaxed), 1);
         // A later sender fails at once, without an fsync that would prove
         // nothing; SENDs are refused meanwhile.
-        durability.appended(6, 60);
+        durability.appended(6, active(&durability), None);
         let calls = plan.calls(DiskOp::Fsync);
         assert_eq!(
             durability.sync_to(6).unwrap_err().generation,
@@ -357,12 +367,12 @@ mod tests {
         );
         assert_eq!(plan.calls(DiskOp::Fsync), calls);
         assert!(durability.refusing().is_some());
-        assert_eq!(durability.cut_point(failure.generation), Some((2, 20)));
+        assert_eq!(durability.cut_point(failure.generation), Some(2));
         durability.cut_done(failure.generation, true, &log);
         assert_eq!(durability.cut_point(failure.generation), None);
         assert!(durability.refusing().is_none());
         // A cut back that fails fences the broker until a restart.
-        durability.appended(3, 30);
+        durability.appended(3, active(&durability), None);
         plan.fail(DiskOp::Fsync, 1, 1);
         let failure = durability.sync_to(3).unwrap_err();
         durability.cut_done(failure.generation, false, &log);
@@ -374,7 +384,7 @@ mod tests {
     fn under_interval_sends_wait_for_an_fsync_that_works_again() {
         let plan = FaultPlan::new();
         let (durability, dir) = durability(FsyncPolicy::Interval, &plan);
-        durability.appended(4, 40);
+        durability.appended(4, active(&durability), None);
         plan.fail(DiskOp::Fsync, 1, 2);
         assert!(durability.sync_now().is_err());
         assert!(durability.refusing().is_some());

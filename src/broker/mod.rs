@@ -4,8 +4,8 @@
 //! Threads: the caller's thread accepts connections and hands each to the
 //! pool ([`crate::pool`]), whose `max_clients` workers serve one
 //! connection each ([`session`]); one thread waits for SIGINT/SIGTERM; one
-//! does housekeeping (fsync interval, offsets, cursor expiry, compaction,
-//! pushes left pending); one backs the queue's memory once it is first
+//! does housekeeping (fsync interval, offsets, cursor expiry, deletes of
+//! consumed segments that failed, pushes left pending); one backs the queue's memory once it is first
 //! used. Every thread is joined before [`run`] returns.
 
 mod conn;
@@ -129,10 +129,14 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     let log = Arc::new(Logger::open(&config.log_file, config.log_level)?);
     panic::install(Arc::clone(&log));
     log.info(format_args!(
-        "starting broker pid {}: messages file {}, capacity {}, max message {} bytes, fsync {}",
+        "starting broker pid {}: messages file {}, capacity {} messages or {} bytes, ring {} \
+         slots, segments of {} bytes, max message {} bytes, fsync {}",
         os::pid(),
         config.messages_file.display(),
         config.capacity,
+        config.max_bytes,
+        config.ring,
+        config.segment_bytes(),
         config.max_msg_size,
         config.fsync.name()
     ));
@@ -165,6 +169,8 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
         ack_wait: config.ack_wait,
         max_ack_pending: config.max_ack_pending,
         max_consumers: config.max_consumers,
+        capacity: config.capacity,
+        max_bytes: config.max_bytes,
     };
     let core = Core::new(core_config, Arc::clone(log), ring, recovered)?;
     // The offsets file now matches what recovery decided (clamped cursors,
@@ -183,20 +189,21 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     finish(shared, log)
 }
 
-/// Recovery, then the ring in shared memory filled with the records
-/// consumers still need.
+/// Recovery, then the ring in shared memory filled with the newest
+/// records (at most `--ring`; the rest stay on disk).
 fn recover_queue(
     config: &BrokerConfig,
     recorded_set: Option<i32>,
     log: &Logger,
 ) -> Result<(Recovered, Ring), StartError> {
     let (recovered, records) = recovery::recover(config, log)?;
+    let ring_first = recovered.start.next_id - records.len() as u64;
     let ring = Ring::create(
         config.shm_key,
         config.sem_key,
-        config.capacity,
+        config.ring,
         config.max_msg_size,
-        recovered.start.head,
+        ring_first,
         recorded_set,
         log,
     )?;
@@ -210,13 +217,8 @@ fn recover_queue(
         sem_id,
     )?;
     if !records.is_empty() {
-        let reserved = ring.reserve(records.len(), Instant::now(), &|| true)?;
-        assert_eq!(
-            reserved,
-            records.len(),
-            "recovery keeps at most capacity records"
-        );
-        let mut guard = ring.lock()?;
+        // Recovery reads at most `--ring` records: no eviction.
+        let mut guard = ring.lock_appending(0, records.len())?;
         for record in &records {
             guard.push(record.timestamp, &[&record.content])?;
         }
@@ -321,13 +323,12 @@ fn serve(
     Ok(())
 }
 
-/// The last fsync, compaction and offsets, then the IPC objects go.
+/// The last fsync and offsets, then the IPC objects go.
 fn finish(shared: Arc<Shared>, log: &Logger) -> Result<(), StartError> {
     let core = &shared.core;
     let mut clean = true;
     for (what, result) in [
         ("fsync", core.sync_now()),
-        ("compaction", core.compact_if_worth_it(true)),
         ("saving offsets", core.save_offsets(true)),
     ] {
         if let Err(err) = result {
@@ -560,7 +561,6 @@ struct Housekeeping<'a> {
     fsync_interval: Duration,
     last_sync: Instant,
     last_slow: Instant,
-    last_forced_compaction: Instant,
 }
 
 impl Housekeeping<'_> {
@@ -571,7 +571,6 @@ impl Housekeeping<'_> {
             fsync_interval,
             last_sync: now,
             last_slow: now,
-            last_forced_compaction: now,
         }
     }
 
@@ -593,27 +592,15 @@ impl Housekeeping<'_> {
         }
         core.expire_acks();
         core.conns.flush_pushes();
-        if core.durability.writes_failing()
-            && self.last_forced_compaction.elapsed() >= Duration::from_secs(1)
-        {
-            // Maybe the disk is full: reclaim what consumed records take, at
-            // once rather than at the usual threshold (once a second: it
-            // holds the state lock while it writes).
-            self.last_forced_compaction = Instant::now();
-            if let Err(err) = core.compact_if_worth_it(true) {
-                core.log
-                    .debug(format_args!("compaction while writes fail: {err}"));
-            }
-        }
         if self.last_slow.elapsed() >= Duration::from_secs(1) {
             self.last_slow = Instant::now();
             core.expire_cursors();
             if let Err(err) = core.save_offsets(false) {
                 core.log.error(format_args!("saving offsets: {err}"));
             }
-            if let Err(err) = core.compact_if_worth_it(false) {
-                core.log.error(format_args!("compaction: {err}"));
-            }
+            // Segments are deleted as the head passes them; this retries
+            // one whose delete failed.
+            core.delete_consumed();
         }
     }
 }

@@ -12,9 +12,16 @@
 //! invariants of docs/architecture.md. The shell that applies the effects
 //! is `core.rs`.
 //!
+//! The queue is the log on disk (issue 9): it holds the ids
+//! `head..next_id`, at most `capacity` of them; `head` is the oldest id a
+//! cursor still needs (with no cursor at all, messages are held for
+//! consumers to come). The ring in shared memory is the shell's window
+//! over the newest ids and decides nothing here.
+//!
 //! Invariants (checked by the model test after every step):
-//! - the ring holds exactly the ids `head..next_id` once the shell applies
-//!   every release this machine decides;
+//! - `next_id - head <= capacity`: a store is taken only with room;
+//! - every id delivered is held (`head <= id < next_id`) when it is
+//!   delivered, so the log still has it;
 //! - `visible_next <= next_id`, and under `visible_when_synced` no id at or
 //!   past `synced + 1` is ever visible;
 //! - a connection gets at most one `NOTIFY` until its next batch of `GET`s;
@@ -48,6 +55,8 @@ pub struct Rules {
     pub visible_when_synced: bool,
     /// Cursors kept at most: registering a new id past it is refused.
     pub max_consumers: usize,
+    /// Messages the queue holds at most (`--capacity`).
+    pub capacity: u64,
 }
 
 /// Where the machine starts: what recovery found.
@@ -210,6 +219,11 @@ impl State {
         self.next_id - self.head
     }
 
+    /// Messages that may be stored now without passing `capacity`.
+    pub fn room(&self) -> u64 {
+        self.rules.capacity.saturating_sub(self.held())
+    }
+
     pub fn cursor_count(&self) -> usize {
         self.cursors.len()
     }
@@ -331,10 +345,16 @@ impl State {
         }
     }
 
-    /// `count` messages were stored (file and ring) as the ids from
-    /// `next_id` on. Unless they wait for their fsync, armed connections
-    /// with something to take are notified.
+    /// `count` messages were stored (log and ring) as the ids from
+    /// `next_id` on; the shell took at most [`room`](Self::room). Unless
+    /// they wait for their fsync, armed connections with something to take
+    /// are notified.
     pub fn stored(&mut self, count: u64) -> Vec<Notify> {
+        assert!(
+            count <= self.room(),
+            "stored {count} with room for {}",
+            self.room()
+        );
         self.next_id += count;
         if self.rules.visible_when_synced {
             return Vec::new();
@@ -354,7 +374,7 @@ impl State {
         self.take_armed()
     }
 
-    /// The messages from `new_next` on were cut from the file and the ring
+    /// The messages from `new_next` on were cut from the log and the ring
     /// (their fsync failed, so they were answered `ERROR:`). Only messages
     /// nobody could see may be cut.
     pub fn cut_back(&mut self, new_next: u64) {
@@ -460,8 +480,8 @@ impl State {
         gone
     }
 
-    /// The new head if messages every cursor has passed can be released
-    /// from the ring; the shell releases them and calls
+    /// The new head if messages every cursor has passed can be released;
+    /// the shell deletes the segments wholly before it and calls
     /// [`released`](Self::released). With no cursor at all, messages are
     /// held for consumers to come.
     pub fn take_release(&mut self) -> Option<u64> {
@@ -473,7 +493,7 @@ impl State {
         (new_head > self.head).then_some(new_head)
     }
 
-    /// The shell released the ring up to `new_head`.
+    /// The shell released the queue up to `new_head`.
     pub fn released(&mut self, new_head: u64) {
         assert!(
             self.head <= new_head && new_head <= self.next_id,

@@ -1,8 +1,9 @@
 //! Tests of the state machine: one table-driven test per rule, then the
 //! model test, which runs every sequence of up to [`MODEL_DEPTH`] events
-//! over two consumer ids (one plain, one in ack mode), two connections and
-//! a ring of three slots, under both visibility rules, and checks the
-//! invariants after every step (lexopt's exhaustive test is the model).
+//! over two consumer ids (one plain, one in ack mode), two connections, a
+//! queue of capacity three on disk and a ring window of two slots, under
+//! both visibility rules, and checks the invariants after every step
+//! (lexopt's exhaustive test is the model).
 
 use super::*;
 use std::collections::{BTreeSet, HashMap as Map};
@@ -16,17 +17,26 @@ fn rules(visible_when_synced: bool) -> Rules {
         consumer_ttl: WAIT,
         visible_when_synced,
         max_consumers: 3,
+        capacity: 100,
     }
 }
 
 fn fresh(visible_when_synced: bool, now: Instant) -> State {
+    fresh_with(visible_when_synced, 100, now)
+}
+
+fn fresh_with(visible_when_synced: bool, capacity: u64, now: Instant) -> State {
     let start = Start {
         next_id: 1,
         head: 1,
         next_consumer: 1,
         cursors: Vec::new(),
     };
-    State::new(rules(visible_when_synced), start, now)
+    let rules = Rules {
+        capacity,
+        ..rules(visible_when_synced)
+    };
+    State::new(rules, start, now)
 }
 
 fn ids(got: &Got) -> Vec<u64> {
@@ -245,12 +255,30 @@ fn snapshots_never_run_ahead_of_the_disk() {
     assert_eq!(state.snapshot(5, u64::MAX).cursors[0].offset, 4);
 }
 
+#[test]
+fn room_is_the_capacity_less_what_no_cursor_passed() {
+    let now = Instant::now();
+    let mut state = fresh_with(false, 3, now);
+    assert_eq!(state.room(), 3);
+    state.stored(3);
+    assert_eq!(state.room(), 0, "no cursor: held for consumers to come");
+    state.register(1, Some(b"c"), false, now).unwrap();
+    state.get(1, 2, now);
+    let head = state.take_release().unwrap();
+    state.released(head);
+    assert_eq!((state.held(), state.room()), (1, 2));
+}
+
 // --- the model test -------------------------------------------------------
 
 /// Events per sequence: 6 in release builds (about 5 million sequences per
 /// visibility rule), 5 in debug builds, where each step is slower.
 const MODEL_DEPTH: usize = if cfg!(debug_assertions) { 5 } else { 6 };
-const RING: u64 = 3;
+/// Messages the queue holds (`--capacity`).
+const CAPACITY: u64 = 3;
+/// Slots of the ring window: fewer than the capacity, so some deliveries
+/// come from the log.
+const RING: u64 = 2;
 const CONNS: u64 = 2;
 const KEYS: [&[u8]; 2] = [b"plain", b"acked"];
 
@@ -293,8 +321,13 @@ fn alphabet() -> Vec<Event> {
 struct World {
     state: State,
     now: Instant,
-    /// The ring as the shell keeps it: ids `ring.0..ring.1`.
+    /// The ring as the shell keeps it: ids `ring.0..ring.1`, the newest.
     ring: (u64, u64),
+    /// The log as the shell keeps it: ids `log.0..log.1` (deletion
+    /// follows the head; segments make it coarser, never finer).
+    log: (u64, u64),
+    /// Deliveries served from the log (behind the ring window).
+    from_log: u64,
     synced: u64,
     /// Which key each connection registered under.
     conn_key: Map<u64, usize>,
@@ -311,9 +344,11 @@ impl World {
     fn new(visible_when_synced: bool) -> World {
         let now = Instant::now();
         World {
-            state: fresh(visible_when_synced, now),
+            state: fresh_with(visible_when_synced, CAPACITY, now),
             now,
             ring: (1, 1),
+            log: (1, 1),
+            from_log: 0,
             synced: 0,
             conn_key: Map::new(),
             notified: Map::new(),
@@ -334,7 +369,7 @@ impl World {
 
     fn release(&mut self) {
         if let Some(head) = self.state.take_release() {
-            self.ring.0 = head;
+            self.log.0 = head;
             self.state.released(head);
         }
     }
@@ -343,14 +378,18 @@ impl World {
         match event {
             Event::Register { conn, key } => self.register(conn, key, trace),
             Event::Send => {
-                if self.ring.1 - self.ring.0 < RING {
+                // The shell stores only with room; the ring evicts its
+                // oldest slot instead of waiting.
+                if self.state.room() > 0 {
+                    self.log.1 += 1;
                     self.ring.1 += 1;
+                    self.ring.0 = self.ring.0.max(self.ring.1.saturating_sub(RING));
                     let pushes = self.state.stored(1);
                     self.push(pushes, trace);
                 }
             }
             Event::Sync => {
-                self.synced = self.ring.1 - 1;
+                self.synced = self.log.1 - 1;
                 let pushes = self.state.synced(self.synced);
                 self.push(pushes, trace);
             }
@@ -395,9 +434,12 @@ impl World {
         for delivery in &got.messages {
             let id = delivery.id;
             assert!(
-                self.ring.0 <= id && id < self.ring.1,
-                "{id} not in the ring after {trace:?}"
+                self.log.0 <= id && id < self.log.1 && self.state.head() <= id,
+                "{id} not held after {trace:?}"
             );
+            if id < self.ring.0 {
+                self.from_log += 1;
+            }
             assert!(
                 id < self.state.visible_next(),
                 "{id} not visible after {trace:?}"
@@ -442,8 +484,16 @@ impl World {
         let state = &self.state;
         assert_eq!(
             (state.head(), state.next_id()),
-            self.ring,
-            "the ring is not head..next after {trace:?}"
+            self.log,
+            "the log is not head..next after {trace:?}"
+        );
+        assert!(
+            state.held() <= CAPACITY,
+            "past the capacity after {trace:?}"
+        );
+        assert!(
+            self.ring.1 == state.next_id() && self.ring.1 - self.ring.0 <= RING,
+            "the ring is not the newest window after {trace:?}"
         );
         assert!(state.visible_next() <= state.next_id(), "after {trace:?}");
         if visible_when_synced {
@@ -471,6 +521,10 @@ impl World {
     }
 }
 
+/// Deliveries from behind the ring window over every sequence: the model
+/// must reach the disk path, or it proves nothing about it.
+static LOG_DELIVERIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn explore(
     world: &World,
     events: &[Event],
@@ -478,6 +532,7 @@ fn explore(
     visible_when_synced: bool,
 ) -> u64 {
     if trace.len() == MODEL_DEPTH {
+        LOG_DELIVERIES.fetch_add(world.from_log, std::sync::atomic::Ordering::Relaxed);
         return 1;
     }
     let mut sequences = 0;
@@ -501,6 +556,10 @@ fn model_every_short_sequence_keeps_the_invariants() {
         let world = World::new(visible_when_synced);
         sequences += explore(&world, &events, &mut Vec::new(), visible_when_synced);
     }
+    assert!(
+        LOG_DELIVERIES.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no sequence delivered from behind the ring window"
+    );
     let expected = 2 * (events.len() as u64).pow(MODEL_DEPTH as u32);
     assert_eq!(sequences, expected);
     eprintln!(

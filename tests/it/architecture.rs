@@ -24,11 +24,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("segments", &["disk", "store", "text"]),
     ("queue", &["sys", "log"]),
     // The broker's side.
-    ("config", &["cli", "protocol", "store", "log", "queue"]),
+    (
+        "config",
+        &["cli", "protocol", "store", "log", "queue", "segments"],
+    ),
     (
         "broker",
         &[
-            "config", "protocol", "store", "queue", "pool", "log", "disk", "sys", "text", "cli",
+            "config", "protocol", "store", "segments", "queue", "pool", "log", "disk", "sys",
+            "text", "cli",
         ],
     ),
     // The clients' side: never the store, the ring or the broker.
