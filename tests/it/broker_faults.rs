@@ -39,7 +39,7 @@ fn a_failing_write_answers_persistence_failure_and_recovers_by_itself() {
     );
     // No partial record was left behind: the file holds exactly the
     // acknowledged records, whole.
-    let file = std::fs::read(&broker.messages).unwrap();
+    let file = log_bytes(&broker.messages);
     assert!(file.ends_with(b"\n"));
     assert_eq!(
         file.iter().filter(|&&b| b == b'\n').count(),
@@ -166,7 +166,7 @@ fn an_fdatasync_eio_in_the_real_process_is_never_a_lie() {
 
     // Found after a crash and restart: exactly the acknowledged ones.
     broker.kill();
-    let file = std::fs::read_to_string(&broker.messages).unwrap();
+    let file = String::from_utf8(log_bytes(&broker.messages)).unwrap();
     let contents: Vec<&str> = file
         .lines()
         .map(|record| record.splitn(4, ':').nth(3).unwrap())

@@ -408,7 +408,7 @@ fn load_and_cut(
         .chain([durable_next.saturating_sub(1)])
         .max()
         .unwrap_or(0);
-    let mut bytes = std::fs::read(&broker.messages).unwrap();
+    let mut bytes = log_bytes(&broker.messages);
     let floor = end_of_record(&bytes, known);
     let cut = floor + rng.below((bytes.len() - floor) as u64 + 1) as usize;
     bytes.truncate(cut);
@@ -418,7 +418,7 @@ fn load_and_cut(
         1 => bytes.extend(std::iter::repeat_n(0u8, extra)),
         _ => bytes.extend((0..extra).map(|_| rng.next() as u8)),
     }
-    std::fs::write(&broker.messages, &bytes).unwrap();
+    replace_log(&broker.messages, &bytes);
     acked
 }
 

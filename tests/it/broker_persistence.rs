@@ -55,7 +55,7 @@ struct Stored {
 /// records back to back, plain decimal fields, SIZE trusted and the newline
 /// exactly where it says. Panics on anything else.
 fn read_records(path: &Path) -> Vec<Stored> {
-    let bytes = std::fs::read(path).unwrap_or_default();
+    let bytes = log_bytes(path);
     let mut records = Vec::new();
     let mut rest = &bytes[..];
     while !rest.is_empty() {
@@ -191,7 +191,7 @@ fn the_record_is_in_the_file_in_the_original_format_when_ok_arrives() {
         let before = unix_now();
         producer.expect("SEND:hello", "OK:MSG_ID:1");
         // Read at once: the write() must precede the OK under every policy.
-        let bytes = std::fs::read(&broker.messages).unwrap();
+        let bytes = log_bytes(&broker.messages);
         let after = unix_now();
         let text = String::from_utf8(bytes).unwrap();
         let (timestamp, rest) = text
@@ -498,11 +498,11 @@ fn a_torn_tail_is_cut_with_a_warning(name: &str, tail: &[u8]) {
         vec![1, 2, 3]
     );
     assert!(broker.terminate().success());
-    let original = std::fs::read(&broker.messages).unwrap();
+    let original = log_bytes(&broker.messages);
     assert_eq!(read_records(&broker.messages).len(), 3);
     let mut torn = original.clone();
     torn.extend_from_slice(tail);
-    std::fs::write(&broker.messages, &torn).unwrap();
+    replace_log(&broker.messages, &torn);
 
     broker.restart();
     let stderr = broker.stderr();
@@ -528,7 +528,7 @@ fn a_torn_tail_is_cut_with_a_warning(name: &str, tail: &[u8]) {
     );
 
     broker.producer().expect("SEND:fourth", "OK:MSG_ID:4");
-    let bytes = std::fs::read(&broker.messages).unwrap();
+    let bytes = log_bytes(&broker.messages);
     assert!(
         bytes.starts_with(&original),
         "the three records were changed"
@@ -582,11 +582,11 @@ fn damaged_in_the_middle(
         vec![1, 2, 3]
     );
     assert!(broker.terminate().success());
-    let mut bytes = std::fs::read(&broker.messages).unwrap();
+    let mut bytes = log_bytes(&broker.messages);
     let record_2 = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
     assert!(bytes[record_2..].starts_with(b"2:"));
     bytes[record_2 + at_in_record_2] = byte;
-    std::fs::write(&broker.messages, &bytes).unwrap();
+    replace_log(&broker.messages, &bytes);
     (broker, bytes, record_2)
 }
 
@@ -612,7 +612,7 @@ fn refuses_to_start_naming_file_offset_and_repair(broker: &Broker, damaged: &[u8
         "stderr does not name --repair:\n{stderr}"
     );
     assert_eq!(
-        std::fs::read(&broker.messages).unwrap(),
+        log_bytes(&broker.messages),
         damaged,
         "a refused start changed the file"
     );
@@ -653,7 +653,7 @@ fn damage_in_the_middle_stops_the_start_and_repair_keeps_the_records_before_it()
         "the saved copy must hold the original bytes"
     );
     assert_eq!(
-        std::fs::read(&broker.messages).unwrap(),
+        log_bytes(&broker.messages),
         &damaged[..offset],
         "repair keeps the valid prefix"
     );
@@ -726,14 +726,14 @@ fn repair_with_nothing_waiting_never_gives_lost_ids_again() {
     drop(consumer);
     assert!(broker.terminate().success());
     // The clean stop compacted record 1 away: the file starts at record 2.
-    let mut bytes = std::fs::read(&broker.messages).unwrap();
+    let mut bytes = log_bytes(&broker.messages);
     assert!(
         bytes.starts_with(b"2:"),
         "{}",
         String::from_utf8_lossy(&bytes)
     );
     bytes[1] = b'#';
-    std::fs::write(&broker.messages, &bytes).unwrap();
+    replace_log(&broker.messages, &bytes);
     broker.extra.push("--repair".into());
     broker.restart();
     assert!(
@@ -760,7 +760,7 @@ fn a_crash_right_after_a_repaired_start_needs_no_second_repair() {
     let (mut broker, _, offset) = damaged_in_the_middle(&dir, 1, b'#');
     broker.extra.push("--repair".into());
     broker.restart();
-    assert_eq!(file_len(&broker.messages), offset as u64);
+    assert_eq!(log_len(&broker.messages), offset as u64);
     broker.kill();
 
     broker.extra.pop();
@@ -835,7 +835,7 @@ fn compaction_bounds_the_file_and_ids_continue_after_it() {
 
     // Everything is consumed: housekeeping compacts within seconds.
     eventually("compaction to shrink the messages file", || {
-        file_len(&broker.messages) < COMPACTED_BELOW
+        log_len(&broker.messages) < COMPACTED_BELOW
     });
     // The log line follows the rename that shrank the file.
     eventually("the compaction's log line", || {
@@ -850,7 +850,7 @@ fn compaction_bounds_the_file_and_ids_continue_after_it() {
 
     assert!(broker.terminate().success());
     assert_eq!(
-        file_len(&broker.messages),
+        log_len(&broker.messages),
         0,
         "shutdown compacts away every consumed record"
     );
@@ -905,7 +905,7 @@ fn compaction_keeps_the_unconsumed_tail_and_a_crash_after_it_loses_nothing() {
     );
     let before = read_records(&broker.messages);
     assert_eq!(before.len() as u64, BIG_COUNT + 20);
-    assert!(file_len(&broker.messages) >= 1 << 20);
+    assert!(log_len(&broker.messages) >= 1 << 20);
     for chunk in sent.chunks(100) {
         assert_eq!(get_pipelined(&mut consumer, chunk.len()), chunk);
     }
@@ -920,7 +920,7 @@ fn compaction_keeps_the_unconsumed_tail_and_a_crash_after_it_loses_nothing() {
         })
         .sum();
     eventually("compaction down to the 20 unconsumed records", || {
-        file_len(&broker.messages) == want_bytes
+        log_len(&broker.messages) == want_bytes
     });
     assert_eq!(read_records(&broker.messages), before[BIG_COUNT as usize..]);
     eventually("the compaction's log line", || {

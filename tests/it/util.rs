@@ -530,3 +530,53 @@ pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 pub fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
+
+/// The segment files of the messages file `messages`, oldest first: the
+/// names `<messages>.<20-digit first id>`, which `ls` sorts by id.
+pub fn segments_of(messages: &Path) -> Vec<PathBuf> {
+    let dir = messages.parent().unwrap();
+    let base = messages.file_name().unwrap().to_string_lossy().into_owned();
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|entry| {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            let digits = name.strip_prefix(&base)?.strip_prefix('.')?;
+            (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| dir.join(&name))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Every record byte on disk: the segments' bytes, in order.
+pub fn log_bytes(messages: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for segment in segments_of(messages) {
+        bytes.extend(std::fs::read(segment).unwrap());
+    }
+    bytes
+}
+
+/// Bytes in every segment.
+pub fn log_len(messages: &Path) -> u64 {
+    segments_of(messages).iter().map(|s| file_len(s)).sum()
+}
+
+/// Replaces the log with one messages file of the single-file version
+/// holding `bytes`: the broker carries it over as its first segment on its
+/// next start (the upgrade path), so a test can write any bytes there.
+pub fn replace_log(messages: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    for segment in segments_of(messages) {
+        std::fs::remove_file(segment).unwrap();
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(messages)
+        .unwrap();
+    std::io::Write::write_all(&mut file, bytes).unwrap();
+}
