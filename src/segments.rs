@@ -169,6 +169,13 @@ pub fn segment_path(messages_path: &Path, first_id: u64) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The segment files beside `messages_path`, by first id (for callers
+/// that check their modes before the log is opened).
+pub fn segment_files(messages_path: &Path) -> Result<Vec<PathBuf>, SegmentError> {
+    let found = list_segments(messages_path, &parent_dir(messages_path))?;
+    Ok(found.into_iter().map(|(_, path)| path).collect())
+}
+
 /// The first id a segment's file name says, if `name` is one of the
 /// segments of the messages file named `base` (anything else beside it,
 /// `.offsets`, `.lock`, `.corrupt-…`, is not).
@@ -969,6 +976,44 @@ impl SegmentLog {
         self.total_bytes += records.len() as u64;
         self.dirty = true;
         Ok(())
+    }
+
+    /// Removes every segment, the active one too, and starts the log
+    /// empty at `next_id`: for a `--repair` that lost records after every
+    /// kept one was consumed, so ids may jump past the lost ones. The
+    /// caller has `next_id` on disk already (the offsets file's NEXT_ID),
+    /// so ids are never reused.
+    pub fn reset_to(&mut self, next_id: u64) -> Result<Freed, SegmentError> {
+        let mut freed = Freed::default();
+        while let Some(segment) = self.segments.front() {
+            match self.disk.remove(&segment.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("remove", &segment.path)(e)),
+            }
+            freed.segments += 1;
+            freed.bytes += segment.len;
+            self.total_bytes -= segment.len;
+            self.segments.pop_front();
+        }
+        self.active = None;
+        self.dirty = false;
+        sync_dir(&self.disk, &self.dir)?;
+        self.start_at(next_id)?;
+        Ok(freed)
+    }
+
+    /// Seals the active segment if it holds records, starting an empty
+    /// one at the next id, so that the sealed one can be deleted once
+    /// consumed. For a disk (or a file size limit) that the active segment
+    /// alone fills: creating an empty file needs no data blocks. Returns
+    /// whether a new segment was started.
+    pub fn roll_now(&mut self) -> Result<bool, SegmentError> {
+        if self.broken || self.segments.back().is_none_or(|s| s.len == 0) {
+            return Ok(false);
+        }
+        self.roll(self.next_id)?;
+        Ok(true)
     }
 
     /// Fdatasyncs the active segment if anything was appended since its

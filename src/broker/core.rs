@@ -485,7 +485,7 @@ impl Core {
                 }),
                 Err(mismatch) => {
                     self.log.error(format_args!(
-                        "{mismatch}; message {} served from the log",
+                        "{mismatch}; message {} served from the messages file's segments",
                         delivery.id
                     ));
                     serve_from_log(&self.log, &inner.log, delivery.id, 1, out);
@@ -572,6 +572,35 @@ impl Core {
     pub fn delete_consumed(&self) {
         let mut guard = self.inner();
         self.delete_segments(&mut guard);
+    }
+
+    /// Housekeeping, while writes fail: when every message is consumed but
+    /// the active segment holds them (it alone fills the disk, or reached a
+    /// file size limit), starts a new one, so the old one can be deleted.
+    pub fn free_when_failing(&self) {
+        if !self.durability.writes_failing() {
+            return;
+        }
+        let mut guard = self.inner();
+        let inner = &mut *guard;
+        if inner.state.head() != inner.state.next_id() {
+            return;
+        }
+        match inner.log.roll_now() {
+            Ok(true) => {
+                let rolled_at = inner.log.active_first_id();
+                self.durability.appended(
+                    inner.state.next_id() - 1,
+                    inner.log.active_handle(),
+                    Some(rolled_at),
+                );
+                self.delete_segments(inner);
+            }
+            Ok(false) => {}
+            Err(err) => self
+                .log
+                .debug(format_args!("sealing the consumed active segment: {err}")),
+        }
     }
 
     /// Registers `conn` as a consumer under `requested` (or a new id), in

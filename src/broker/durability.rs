@@ -88,7 +88,8 @@ pub struct Durability {
     sync: Mutex<SyncState>,
     done: Condvar,
     streak: Streak,
-    /// Set while storing fails.
+    /// Set while storing fails (housekeeping then seals a wholly consumed
+    /// active segment, so that it can be deleted).
     failing: AtomicBool,
     /// SENDs are refused until the broker restarts: a cut back failed.
     fenced: AtomicBool,
@@ -280,6 +281,11 @@ impl Durability {
             FsyncPolicy::Never => u64::MAX,
             _ => synced,
         }
+    }
+
+    /// Whether storing messages is failing now.
+    pub fn writes_failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
     }
 
     /// `messages` could not be stored because of `err`.

@@ -365,18 +365,19 @@ fn lock_path(messages: &std::path::Path) -> std::path::PathBuf {
     std::path::PathBuf::from(name)
 }
 
-/// The broker's files are created 0600; files that existed with a wider
-/// mode (or links to such files) are tightened, with a warning, since
+/// The broker's files (the segments too) are created 0600; files that
+/// existed with a wider mode (or links to such files) are tightened, with a warning, since
 /// they hold the messages and who consumed them.
 fn make_files_private(config: &BrokerConfig, log: &Logger) -> Result<(), StartError> {
     let messages = &config.messages_file;
-    let paths = [
+    let mut paths = vec![
         messages.clone(),
         crate::store::offsets_path(messages),
         crate::store::ipc_ids_path(messages),
         lock_path(messages),
         config.log_file.clone(),
     ];
+    paths.extend(crate::segments::segment_files(messages).map_err(|err| err.to_string())?);
     for path in &paths {
         if let Some(mode) = crate::store::make_private(path)? {
             log.warn(format_args!(
@@ -592,6 +593,7 @@ impl Housekeeping<'_> {
         }
         core.expire_acks();
         core.conns.flush_pushes();
+        core.free_when_failing();
         if self.last_slow.elapsed() >= Duration::from_secs(1) {
             self.last_slow = Instant::now();
             core.expire_cursors();

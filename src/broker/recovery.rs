@@ -72,15 +72,19 @@ pub fn recover(
         recovery.repair()?;
     }
     let mut segment_log = recovery.open_log(&offsets)?;
-    let next_id = recovery.next_id(&offsets, &mut segment_log)?;
+    let mut next_id = recovery.next_id(&offsets, &mut segment_log)?;
     let first = segment_log.first_id();
     let mut cursors = offsets.consumers.clone();
     recovery.clamp_cursors(&mut cursors, first, next_id);
-    let head = match cursors.iter().map(|c| c.offset + 1).min() {
+    let mut head = match cursors.iter().map(|c| c.offset + 1).min() {
         Some(min) => min,
         None => offsets.head,
     }
     .clamp(first, next_id);
+    if offsets.next_id > next_id {
+        next_id = recovery.skip_lost_ids(&offsets, &mut segment_log, head, &mut cursors)?;
+        head = head.max(segment_log.first_id());
+    }
     let ring_from = head.max(next_id.saturating_sub(u64::from(config.ring)));
     let records = recovery.ring_records(&segment_log, ring_from)?;
     log.info(format_args!(
@@ -237,25 +241,54 @@ impl Recovery<'_> {
             return Ok(next);
         }
         let next = log.next_id();
-        if offsets.next_id > next {
-            if !self.config.repair {
-                return Err(format!(
-                    "{} says the next message id is {} but the log of {} ends before id {next}: \
-                     records are missing (or the files do not belong together); start with \
-                     --repair to continue",
-                    store::offsets_path(&self.config.messages_file).display(),
-                    offsets.next_id,
-                    self.shown,
-                )
-                .into());
-            }
-            self.log.warn(format_args!(
-                "repair: messages {next}..{} were lost with the damage, and their ids will be \
-                 given to new messages: the segments need consecutive ids",
-                offsets.next_id - 1
-            ));
+        if offsets.next_id > next && !self.config.repair {
+            return Err(format!(
+                "{} says the next message id is {} but the log of {} ends before id {next}: \
+                 records are missing (or the files do not belong together); start with \
+                 --repair to continue",
+                store::offsets_path(&self.config.messages_file).display(),
+                offsets.next_id,
+                self.shown,
+            )
+            .into());
         }
         Ok(next)
+    }
+
+    /// `--repair` lost the records `log.next_id()..offsets.next_id`. Their
+    /// ids must not be handed out again, but the segments' ids must stay
+    /// consecutive, so jumping past them is only possible when no kept
+    /// record is still waiting (`head` is past them all): then the log is
+    /// emptied and starts at the saved NEXT_ID (already on disk). Returns
+    /// the next id.
+    fn skip_lost_ids(
+        &self,
+        offsets: &Offsets,
+        log: &mut SegmentLog,
+        head: u64,
+        cursors: &mut [SavedCursor],
+    ) -> Result<u64, RecoveryError> {
+        let (lost_from, lost_to) = (log.next_id(), offsets.next_id - 1);
+        if head < log.next_id() {
+            self.log.warn(format_args!(
+                "repair: messages {lost_from}..{lost_to} were lost with the damage, and their \
+                 ids will be given to new messages: records {head}..{} are still waiting, and \
+                 the segments need consecutive ids",
+                lost_from - 1
+            ));
+            return Ok(lost_from);
+        }
+        log.reset_to(offsets.next_id)
+            .map_err(|err| format!("repair of {} failed: {err}", self.shown))?;
+        self.log.warn(format_args!(
+            "repair: messages {lost_from}..{lost_to} were lost with the damage; continuing \
+             from id {}",
+            offsets.next_id
+        ));
+        for cursor in cursors {
+            cursor.offset = offsets.next_id - 1;
+        }
+        Ok(offsets.next_id)
     }
 
     /// Brings every cursor within the records on disk: a power cut can

@@ -2,7 +2,8 @@
 //! (`ulimit -f`; it ignores SIGXFSZ), so appends past it fail with EFBIG.
 //! A failed store answers `ERROR:Persistence failure`, acknowledges
 //! nothing that is not stored, leaves no partial record, keeps serving
-//! consumers, and recovers by itself once compaction makes room.
+//! consumers, and recovers by itself once consumers pass the records: the
+//! segment the limit stopped is sealed and deleted, and a new one starts.
 
 use crate::util::*;
 
@@ -56,7 +57,8 @@ fn a_failing_write_answers_persistence_failure_and_recovers_by_itself() {
         consumer.send("GET");
         assert_eq!(consumer.reply(), format!("MSG:{id}:{n:04}{body}"));
     }
-    // Everything consumed: compaction frees the file and writes work again.
+    // Everything consumed: the full segment is sealed and deleted, a new
+    // one starts, and writes work again.
     let mut next = acknowledged.last().unwrap().0 + 1;
     eventually("writes to succeed again", || {
         producer.send(&format!("SEND:again{next}"));

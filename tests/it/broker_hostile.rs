@@ -78,12 +78,12 @@ fn files_with_a_wider_mode_or_behind_a_link_are_made_0600_with_a_warning() {
     let set_mode = |path: &std::path::Path, mode: u32| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
     };
-    let messages = dir.join("messages.dat");
+    // The first segment of the messages file's log.
+    let messages = dir.join("messages.dat.00000000000000000001");
     let offsets = dir.join("messages.dat.offsets");
-    // The lock sits beside the file the messages file's name resolves to.
-    let lock = dir.join("real-messages.dat.lock");
+    let lock = dir.join("messages.dat.lock");
     let log = dir.join("broker.log");
-    // The messages file is a link to a world-readable file; the others are
+    // The segment is a link to a world-readable file; the others are
     // plain files with wide modes, and a stale temporary offsets file too.
     let real = dir.join("real-messages.dat");
     std::fs::write(&real, b"1:1700000000:5:hello\n").unwrap();
@@ -104,9 +104,9 @@ fn files_with_a_wider_mode_or_behind_a_link_are_made_0600_with_a_warning() {
     }
     let warnings = broker.stderr();
     for name in [
-        "/messages.dat had mode 0644",
+        "/messages.dat.00000000000000000001 had mode 0644",
         "/messages.dat.offsets had mode 0666",
-        "/real-messages.dat.lock had mode 0644",
+        "/messages.dat.lock had mode 0644",
         "/broker.log had mode 0640",
     ] {
         assert!(
@@ -258,7 +258,7 @@ fn finish_scribbling(child: std::process::Child) {
 #[test]
 fn a_scribbled_segment_is_served_from_the_file_and_never_trusted() {
     let dir = TestDir::new("hostile-scribble");
-    let mut broker = Broker::start(&dir, &["--capacity", "16", "--max-msg-size", "64"]);
+    let mut broker = Broker::start(&dir, &["--ring", "16", "--max-msg-size", "64"]);
     let mut p = broker.producer();
     let mut c = broker.consumer("reader");
     let content = |id: u64| format!("message {id}: {}", "x".repeat((id % 40) as usize));
@@ -296,8 +296,8 @@ fn a_scribbled_segment_is_served_from_the_file_and_never_trusted() {
     p.expect("SEND:after", "OK:MSG_ID:61");
     let mut c = broker.consumer("reader");
     c.expect("GET", "MSG:61:after");
-    let file = std::fs::File::open(&broker.messages).unwrap();
-    let scan = mensajeria::store::scan(file, 64, 0, usize::MAX).unwrap();
+    let file = log_bytes(&broker.messages);
+    let scan = mensajeria::store::scan(&file[..], 64, 0, usize::MAX).unwrap();
     assert_eq!(scan.tail, mensajeria::store::Tail::Clean);
     let ids: Vec<u64> = scan.kept.iter().map(|r| r.id).collect();
     assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");

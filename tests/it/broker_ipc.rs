@@ -25,7 +25,7 @@ fn ipcs_line(section: &str, key: i32) -> Option<String> {
 #[test]
 fn segment_and_semaphores_exist_with_mode_0600_and_go_away_on_sigterm() {
     let dir = TestDir::new("ipc-lifecycle");
-    let mut broker = Broker::start(&dir, &["--capacity", "10", "--max-msg-size", "100"]);
+    let mut broker = Broker::start(&dir, &["--ring", "10", "--max-msg-size", "100"]);
     let segment = ipcs_line("-m", broker.shm_key).expect("segment listed by ipcs -m");
     let fields: Vec<&str> = segment.split_whitespace().collect();
     assert_eq!(fields[3], "600", "{segment}");

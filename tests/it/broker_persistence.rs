@@ -637,14 +637,15 @@ fn damage_in_the_middle_stops_the_start_and_repair_keeps_the_records_before_it()
         .map(|entry| entry.unwrap().path())
         .filter(|path| {
             let name = path.file_name().unwrap().to_string_lossy().to_string();
-            name.strip_prefix("messages.dat.corrupt-")
+            // The damaged segment's name, then `.corrupt-<time>`.
+            name.strip_prefix("messages.dat.00000000000000000001.corrupt-")
                 .is_some_and(|time| !time.is_empty() && time.bytes().all(|b| b.is_ascii_digit()))
         })
         .collect();
     assert_eq!(
         saved.len(),
         1,
-        "want one messages.dat.corrupt-<time> in {}",
+        "want one messages.dat.<first id>.corrupt-<time> in {}",
         dir.path.display()
     );
     assert_eq!(
@@ -725,14 +726,12 @@ fn repair_with_nothing_waiting_never_gives_lost_ids_again() {
     consumer.expect("GET", "MSG:1:one");
     drop(consumer);
     assert!(broker.terminate().success());
-    // The clean stop compacted record 1 away: the file starts at record 2.
+    // Record 2's ':' after its id becomes '#': record 1 is kept, and
+    // consumed, so nothing kept is waiting.
     let mut bytes = log_bytes(&broker.messages);
-    assert!(
-        bytes.starts_with(b"2:"),
-        "{}",
-        String::from_utf8_lossy(&bytes)
-    );
-    bytes[1] = b'#';
+    let second = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    assert!(bytes[second..].starts_with(b"2:"));
+    bytes[second + 1] = b'#';
     replace_log(&broker.messages, &bytes);
     broker.extra.push("--repair".into());
     broker.restart();
@@ -788,13 +787,12 @@ fn a_damaged_size_in_the_middle_stops_the_start() {
     refuses_to_start_naming_file_offset_and_repair(&broker, &damaged, offset);
 }
 
-// --- 7. Compaction --------------------------------------------------------
+// --- 7. Segments ---------------------------------------------------------
 
-/// Messages of this size make a 1 MiB file in about 1150 records.
+/// Messages of this size make a 64 KiB segment in about 70 records.
 const BIG: usize = 900;
-/// Compaction runs at 1 MiB (COMPACT_MIN_BYTES) once dead bytes dominate,
-/// so a file below this has been compacted after 2.7 MB went through it.
-const COMPACTED_BELOW: u64 = 1_200 * 1024;
+/// The segment size these tests run with.
+const SEGMENT: u64 = 64 * 1024;
 
 /// Sends `count` messages of [`BIG`] bytes, 100 at a time, each hundred
 /// taken at once by `consumer`; returns the bytes they took in the file.
@@ -823,70 +821,72 @@ fn stream_through(producer: &mut Client, consumer: &mut Client, count: usize) ->
 }
 
 #[test]
-fn compaction_bounds_the_file_and_ids_continue_after_it() {
+fn consumed_segments_are_deleted_and_ids_continue_after_them() {
     const COUNT: usize = 3000;
-    let dir = TestDir::new("persist-compact");
-    let mut broker = Broker::start(&dir, &["--fsync", "interval"]);
+    let dir = TestDir::new("persist-segments");
+    let mut broker = Broker::start(&dir, &["--fsync", "interval", "--segment-size", "64K"]);
     let mut producer = broker.producer();
     let mut consumer = broker.consumer("keeper");
+    // While it streams, disk use stays within the live records (at most
+    // 100 here) plus two segments.
     let written = stream_through(&mut producer, &mut consumer, COUNT);
     consumer.expect("GET", NO_MESSAGES);
-    assert!(written > 2_600_000, "{written} bytes went through the file");
-
-    // Everything is consumed: housekeeping compacts within seconds.
-    eventually("compaction to shrink the messages file", || {
-        log_len(&broker.messages) < COMPACTED_BELOW
-    });
-    // The log line follows the rename that shrank the file.
-    eventually("the compaction's log line", || {
-        broker.log_text().contains("compacted")
-    });
-    // What remains is whole records with consecutive ids, up to the last.
+    assert!(written > 2_600_000, "{written} bytes went through the log");
+    assert!(
+        log_len(&broker.messages) <= 2 * SEGMENT + 100 * (BIG as u64 + 30),
+        "{} bytes on disk with nothing live",
+        log_len(&broker.messages)
+    );
+    // The names sort by first id, and what remains is whole records with
+    // consecutive ids, up to the last.
+    let segments = segments_of(&broker.messages);
+    assert!(!segments.is_empty() && segments.len() <= 2, "{segments:?}");
     let records = read_records(&broker.messages);
-    if let Some(last) = records.last() {
-        assert_eq!(last.id, COUNT as u64);
-        assert_eq!(records[0].id + records.len() as u64 - 1, last.id);
-    }
+    let last = records.last().expect("the active segment holds the last");
+    assert_eq!(last.id, COUNT as u64);
+    assert_eq!(records[0].id + records.len() as u64 - 1, last.id);
+    let first_name = segments[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(first_name, format!("messages.dat.{:020}", records[0].id));
 
     assert!(broker.terminate().success());
-    assert_eq!(
-        log_len(&broker.messages),
-        0,
-        "shutdown compacts away every consumed record"
-    );
     let lines = offsets_lines(&broker);
     assert!(
         lines.contains(&format!("NEXT_ID:{}", COUNT + 1)),
         "offsets file: {lines:?}"
     );
-
     broker.restart();
     let mut consumer = broker.consumer("keeper");
     consumer.expect("GET", NO_MESSAGES);
     broker
         .producer()
-        .expect("SEND:after compaction", &format!("OK:MSG_ID:{}", COUNT + 1));
-    consumer.expect("GET", &format!("MSG:{}:after compaction", COUNT + 1));
-    assert_eq!(
-        read_records(&broker.messages)
-            .iter()
-            .map(|r| r.id)
-            .collect::<Vec<_>>(),
-        vec![COUNT as u64 + 1]
-    );
+        .expect("SEND:after", &format!("OK:MSG_ID:{}", COUNT + 1));
+    consumer.expect("GET", &format!("MSG:{}:after", COUNT + 1));
     assert!(broker.terminate().success());
 }
 
 #[test]
-fn compaction_keeps_the_unconsumed_tail_and_a_crash_after_it_loses_nothing() {
-    // 1200 big messages (1.05 MiB of records) and 20 small ones, all stored
-    // before anything is consumed, so nothing is dead and no compaction can
-    // run yet. Then the consumer takes exactly the 1200: the file is past
-    // COMPACT_MIN_BYTES with dead bytes dominating, and the one compaction
-    // that follows must leave exactly the 20.
+fn deleting_segments_keeps_the_unconsumed_tail_and_a_crash_after_it_loses_nothing() {
+    // 1200 big messages (1.05 MiB of records, 17 segments) and 20 small
+    // ones, all stored before anything is consumed. Then the consumer
+    // takes exactly the 1200: every segment before the one holding the
+    // 20 goes, and the 20 stay, unchanged.
     const BIG_COUNT: u64 = 1200;
-    let dir = TestDir::new("persist-compact-tail");
-    let mut broker = Broker::start(&dir, &["--fsync", "always", "--capacity", "2000"]);
+    let dir = TestDir::new("persist-segments-tail");
+    let mut broker = Broker::start(
+        &dir,
+        &[
+            "--fsync",
+            "always",
+            "--capacity",
+            "2000",
+            "--segment-size",
+            "64K",
+        ],
+    );
     let mut producer = broker.producer();
     let mut consumer = broker.consumer("keeper");
     let mut sent = Vec::new();
@@ -905,28 +905,22 @@ fn compaction_keeps_the_unconsumed_tail_and_a_crash_after_it_loses_nothing() {
     );
     let before = read_records(&broker.messages);
     assert_eq!(before.len() as u64, BIG_COUNT + 20);
-    assert!(log_len(&broker.messages) >= 1 << 20);
+    assert!(segments_of(&broker.messages).len() >= 16);
     for chunk in sent.chunks(100) {
         assert_eq!(get_pipelined(&mut consumer, chunk.len()), chunk);
     }
+    let after = read_records(&broker.messages);
+    assert!(after.len() as u64 >= 20, "{} records left", after.len());
+    assert_eq!(after[after.len() - 20..], before[BIG_COUNT as usize..]);
+    assert!(
+        log_len(&broker.messages) <= 2 * SEGMENT,
+        "within two segments"
+    );
 
-    // Exactly the 20 unconsumed records, unchanged (timestamps included).
-    let want_bytes: u64 = before[BIG_COUNT as usize..]
-        .iter()
-        .map(|r| {
-            format!("{}:{}:{}:", r.id, r.timestamp, r.content.len()).len() as u64
-                + r.content.len() as u64
-                + 1
-        })
-        .sum();
-    eventually("compaction down to the 20 unconsumed records", || {
-        log_len(&broker.messages) == want_bytes
+    // Once the cursor is saved, a crash redelivers nothing and loses nothing.
+    eventually("the offsets save", || {
+        offsets_lines(&broker).contains(&format!("CONSUMER:keeper:{BIG_COUNT}"))
     });
-    assert_eq!(read_records(&broker.messages), before[BIG_COUNT as usize..]);
-    eventually("the compaction's log line", || {
-        broker.log_text().contains("compacted")
-    });
-
     broker.kill();
     broker.restart();
     let mut consumer = broker.consumer("keeper");
@@ -1054,9 +1048,9 @@ fn error_level_writes_no_info_lines() {
 }
 
 /// Offsets saved a second ago may lag far behind after a crash under
-/// load, further than the queue could hold. The broker still starts: every
-/// cursor was within `capacity` of the last message, so it resumes there
-/// (redelivering some, skipping none).
+/// load. The broker still starts, and the cursor resumes where it was
+/// saved: every record after it is still on disk and offered again, in
+/// order (redelivering some, skipping none); nothing raises it.
 #[test]
 fn a_crash_with_offsets_far_behind_still_restarts_without_a_skip() {
     let dir = TestDir::new("persist-stale");
@@ -1077,9 +1071,17 @@ fn a_crash_with_offsets_far_behind_still_restarts_without_a_skip() {
     assert_eq!(last, 5000);
     broker.kill();
     broker.restart();
+    let saved: u64 = offsets_lines(&broker)
+        .iter()
+        .find_map(|l| l.strip_prefix("CONSUMER:c:")?.parse().ok())
+        .unwrap_or(0);
     let mut consumer = broker.consumer("c");
-    consumer.send("GET");
-    let (first, _) = parse_msg(&consumer.reply());
-    assert!((4901..=5001).contains(&first), "resumed at {first}");
+    let again = drain(&mut consumer);
+    let ids: Vec<u64> = again.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        ids,
+        (saved + 1..=5000).collect::<Vec<_>>(),
+        "resumed after {saved}"
+    );
     broker.producer().expect("SEND:next", "OK:MSG_ID:5001");
 }
