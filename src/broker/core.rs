@@ -66,6 +66,9 @@ pub struct Counters {
     pub idle_drops: AtomicU64,
     pub acked: AtomicU64,
     pub redelivered: AtomicU64,
+    /// Deliveries read from the segments (behind the ring's window, or
+    /// for a slot that could not be trusted).
+    pub delivered_from_disk: AtomicU64,
 }
 
 /// Settings the core needs from the command line.
@@ -443,7 +446,7 @@ impl Core {
                 {
                     run += 1;
                 }
-                serve_from_log(&self.log, &inner.log, id, run, out);
+                serve_from_log((&self.log, &self.counters), &inner.log, id, run, out);
             }
             i += run;
         }
@@ -471,7 +474,7 @@ impl Core {
                 self.log
                     .error(format_args!("queue: {err}; serving from the log"));
                 for d in deliveries {
-                    serve_from_log(&self.log, &inner.log, d.id, 1, out);
+                    serve_from_log((&self.log, &self.counters), &inner.log, d.id, 1, out);
                 }
                 return;
             }
@@ -488,7 +491,7 @@ impl Core {
                         "{mismatch}; message {} served from the messages file's segments",
                         delivery.id
                     ));
-                    serve_from_log(&self.log, &inner.log, delivery.id, 1, out);
+                    serve_from_log((&self.log, &self.counters), &inner.log, delivery.id, 1, out);
                 }
             }
         }
@@ -750,6 +753,7 @@ impl Core {
             ("in_flight", StatValue::Gauge(in_flight as u64)),
             ("acked", count(&c.acked)),
             ("redelivered", count(&c.redelivered)),
+            ("delivered_from_disk", count(&c.delivered_from_disk)),
             ("refused_full", count(&c.refused_full)),
             ("idle_drops", count(&c.idle_drops)),
             ("file_bytes", StatValue::Gauge(held_bytes)),
@@ -819,12 +823,21 @@ impl Core {
 /// Serves `count` consecutive messages from `id` on out of the segments,
 /// in one read; what cannot be read is answered `ERROR:Persistence
 /// failure` (and logged), so the replies stay one per message.
-fn serve_from_log(logger: &Logger, log: &SegmentLog, id: u64, count: usize, out: &mut Replies<'_>) {
+fn serve_from_log(
+    (logger, counters): (&Logger, &Counters),
+    log: &SegmentLog,
+    id: u64,
+    count: usize,
+    out: &mut Replies<'_>,
+) {
     let mut served = 0;
     let read = log.read_each(id, count, u64::MAX, |got, _, content| {
         out(Reply::Msg { id: got, content });
         served += 1;
     });
+    counters
+        .delivered_from_disk
+        .fetch_add(served as u64, Ordering::Relaxed);
     if served < count {
         match read {
             Err(err) => logger.error(format_args!("reading message {id} from the log: {err}")),

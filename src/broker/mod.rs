@@ -174,8 +174,17 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     };
     let core = Core::new(core_config, Arc::clone(log), ring, recovered)?;
     // The offsets file now matches what recovery decided (clamped cursors,
-    // a repaired file), before anyone is served.
-    core.save_offsets(true)?;
+    // a repaired log), before anyone is served. On a full disk the save
+    // may fail: a plain start goes on (recovery would decide the same
+    // again, and housekeeping retries the save), a repaired one stops.
+    if let Err(err) = core.save_offsets(true) {
+        if config.repair {
+            return Err(err.into());
+        }
+        log.warn(format_args!(
+            "saving offsets at startup: {err}; serving anyway, the save is retried"
+        ));
+    }
     let shared = Arc::new(Shared {
         core,
         config,
@@ -210,12 +219,15 @@ fn recover_queue(
     // Recorded beside the data, so the next run can tell this set, left
     // orphaned by a crash, from another program's.
     let (shm_id, sem_id) = ring.ids();
-    crate::store::save_ipc_ids(
-        &crate::disk::Disk::real(),
-        &config.messages_file,
-        shm_id,
-        sem_id,
-    )?;
+    let disk = crate::disk::Disk::real();
+    if let Err(err) = crate::store::save_ipc_ids(&disk, &config.messages_file, shm_id, sem_id) {
+        // A full disk must not stop the start; only orphan recognition
+        // after a crash of this run suffers.
+        log.warn(format_args!(
+            "recording the IPC ids beside the messages file: {err}; if this broker \
+             crashes, the next start may refuse its orphaned semaphore set"
+        ));
+    }
     if !records.is_empty() {
         // Recovery reads at most `--ring` records: no eviction.
         let mut guard = ring.lock_appending(0, records.len())?;

@@ -11,6 +11,7 @@ mod broker_faults;
 mod broker_hostile;
 mod broker_ipc;
 mod broker_limits;
+mod broker_log;
 mod broker_persistence;
 mod broker_protocol;
 mod clients;
