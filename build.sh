@@ -116,8 +116,8 @@ demo() {
     bpid=""
     echo "== IPC objects left with our keys (none expected):"
     ipcs -m -s | grep -i "$(printf '0x%08x' "$key")\|$(printf '0x%08x' "$((key + 1))")" || echo "(none)"
-    echo "== the messages file after a clean stop (consumed records compacted away):"
-    wc -c "$dir/messages.dat"
+    echo "== the segment files after a clean stop (the active one stays):"
+    wc -c "$dir"/messages.dat.[0-9]*
     echo "== the offsets file:"
     cat "$dir/messages.dat.offsets"
     echo "== the log:"

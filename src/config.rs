@@ -127,10 +127,10 @@ pub const MAX_CONSUMERS: u64 = 1_000_000;
 pub const BROKER_USAGE: &str = "\
 usage: broker [OPTIONS] <messages_file>
 
-Single-host message broker: a queue in SysV shared memory, persisted to
+Single-host message broker, served over TCP: the queue is on disk in
 segment files <messages_file>.<first id> (offsets in
-<messages_file>.offsets), served over TCP. The ring holds the newest
-messages; consumers behind it read from the files.
+<messages_file>.offsets); a ring in SysV shared memory holds the newest
+messages, and consumers behind it read from the files.
 
 options:
   -p, --port N            TCP port; 0 picks a free one        [8080]
