@@ -3,7 +3,9 @@
 #   ./build.sh          release binaries into bin/ (broker, producer, consumer)
 #   ./build.sh test     cargo fmt --check, clippy -D warnings, every test
 #   ./build.sh demo     a broker, a consumer and a producer, end to end
-#   ./build.sh bench    throughput, latency and memory figures (docs/performance.md)
+#   ./build.sh bench    throughput, latency and memory figures (docs/performance.md);
+#                       bench --backlog [--count N]: P of 1M with no consumer, and a backlog of
+#                       10M messages (RSS filling, after restart, draining; restart time; drain rate)
 #   ./build.sh clean    remove build output
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -202,16 +204,89 @@ bench_scaling() {
     done
 }
 
+# VmRSS (KiB) of pid $1.
+rss_of() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# Runs "$@" in the background and samples the broker's RSS every 50 ms
+# until it ends; the largest sample (KiB) goes to $bdir/peak. Returns the
+# command's status.
+sample_rss_while() {
+    local peak=0 r status=0
+    "$@" &
+    local job=$!
+    while kill -0 "$job" 2>/dev/null; do
+        r=$(rss_of "$bpid"); [ "${r:-0}" -gt "$peak" ] && peak=$r
+        sleep 0.05
+    done
+    wait "$job" || status=$?
+    echo "$peak" >"$bdir/peak"
+    return "$status"
+}
+
+# The issue-9 figures: P of 1M messages with no consumer (interval and
+# always), then a backlog of $1 messages of 100 bytes: RSS while it fills,
+# after a restart, while one consumer drains it; the restart's time until
+# `listening on`; the drain rate.
+bench_backlog() {
+    local n=$1 policy t0 t1 rss_fill rss_restart rss_drain restart_ms
+    echo "== P: 1000000 messages of 100 bytes, no consumer, window 256 (fresh broker each)"
+    for policy in interval always; do
+        bench_broker --fsync "$policy"
+        timeout 300 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n 1000000 -i 0 --window 256 \
+            --size 100 >/dev/null 2>"$bdir/p.err"
+        printf 'P %-8s %10s msgs/s\n' "$policy" "$(summary_rate "$bdir/p.err")"
+        stop_broker
+    done
+    echo "== backlog: $n messages of 100 bytes (fsync interval, --ring 1000)"
+    local opts=(--capacity "$((n * 2))" --max-bytes 64G)
+    bench_broker "${opts[@]}"
+    # A consumer id that exists but does not read: the backlog is held.
+    timeout 10 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id drain --count 1 \
+        --timeout 1 >/dev/null 2>&1 || true
+    t0=$(now_ns)
+    sample_rss_while timeout 600 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$n" \
+        -i 0 --window 256 --size 100 >/dev/null 2>"$bdir/fill.err" ||
+        { echo "filling failed:"; cat "$bdir/fill.err"; return 1; }
+    rss_fill=$(cat "$bdir/peak")
+    printf 'fill: %s msgs/s, broker RSS peak %s KiB while filling, %s bytes of segments\n' \
+        "$(rate "$n" "$t0")" "$rss_fill" "$(cat "$bdir"/messages.dat.[0-9]* | wc -c)"
+    # Restart on the backlog (page cache warm, as after a crash).
+    kill -KILL "$bpid"; wait "$bpid" 2>/dev/null || true; bpid=""
+    t0=$(now_ns)
+    "$here/bin/broker" --port 0 --bind 127.0.0.1 --shm-key "$bkey" --sem-key "$((bkey + 1))" \
+        --log-file "$bdir/broker.log" "${opts[@]}" "$bdir/messages.dat" >"$bdir/broker.out" 2>&1 &
+    bpid=$!
+    until grep -q '^listening on' "$bdir/broker.out" 2>/dev/null; do
+        kill -0 "$bpid" 2>/dev/null || { cat "$bdir/broker.out"; return 1; }
+        sleep 0.005
+    done
+    t1=$(now_ns)
+    restart_ms=$(( (t1 - t0) / 1000000 ))
+    bport="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$bdir/broker.out")"
+    sleep 0.2
+    rss_restart=$(rss_of "$bpid")
+    printf 'restart: %s ms until listening on, broker RSS %s KiB after it\n' "$restart_ms" "$rss_restart"
+    t0=$(now_ns)
+    sample_rss_while timeout 600 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id drain \
+        --count "$n" --window 256 >/dev/null 2>"$bdir/drain.err" ||
+        { echo "draining failed:"; cat "$bdir/drain.err"; return 1; }
+    rss_drain=$(cat "$bdir/peak")
+    printf 'drain: %s msgs/s with one consumer, broker RSS peak %s KiB while draining\n' \
+        "$(rate "$n" "$t0")" "$rss_drain"
+    stop_broker
+}
+
 bench() {
     build >/dev/null
     bsize=100 bcount=200000
-    local scaling=""
+    local scaling="" backlog=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --size) bsize="$2"; shift 2 ;;
             --count) bcount="$2"; shift 2 ;;
             --scaling) scaling=1; shift ;;
-            *) echo "usage: ./build.sh bench [--size BYTES] [--count N] [--scaling]" >&2; exit 2 ;;
+            --backlog) backlog=1; shift ;;
+            *) echo "usage: ./build.sh bench [--size BYTES] [--count N] [--scaling | --backlog]" >&2; exit 2 ;;
         esac
     done
     bdir="$(mktemp -d "${TMPDIR:-/tmp}/mq-bench.XXXXXX")"
@@ -219,20 +294,25 @@ bench() {
     bpid=""
     trap 'stop_broker; rm -rf "$bdir"' EXIT
     if [ -n "$scaling" ]; then bench_scaling; return; fi
+    if [ -n "$backlog" ]; then
+        [ "$bcount" = 200000 ] && bcount=10000000
+        bench_backlog "$bcount"
+        return
+    fi
     # P and L need the whole run to fit in the queue (nothing consumes).
     local fill=$(( bcount < 30000 ? bcount : 30000 )) lat=20000 peak=0
-    printf 'messages of %s bytes; E/E4: %s messages, window 256; P: %s messages into an empty queue of 32767; L: %s round trips, window 1\n' \
+    printf 'messages of %s bytes; E/E4: %s messages, window 256; P: %s messages into an empty queue, ring of 32767; L: %s round trips, window 1\n' \
         "$bsize" "$bcount" "$fill" "$lat"
     printf '%-9s %12s %12s %12s %12s   %s\n' "fsync" "P first fill" "P" "E" "E4" "L ack p50 / p99 / p99.9 us"
     for policy in never interval always; do
         # P, first fill: the queue's shared memory is touched for the first time.
-        bench_broker --fsync "$policy" --capacity 32767
+        bench_broker --fsync "$policy" --ring 32767
         timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$fill" -i 0 --window 256 \
             --size "$bsize" >/dev/null 2>"$bdir/p.err"
         local p_cold; p_cold=$(summary_rate "$bdir/p.err")
         stop_broker
         # P on a broker whose queue memory was used once (the steady state).
-        bench_broker --fsync "$policy" --capacity 32767
+        bench_broker --fsync "$policy" --ring 32767
         bench_e 1 32767 >/dev/null
         timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$fill" -i 0 --window 256 \
             --size "$bsize" >/dev/null 2>"$bdir/p.err"
@@ -248,7 +328,7 @@ bench() {
         local e4; e4=$(bench_e 4 "$bcount")
         stop_broker
         # L: window-1 round trips.
-        bench_broker --fsync "$policy" --capacity 32767
+        bench_broker --fsync "$policy" --ring 32767
         timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$lat" -i 0 --window 1 \
             --size "$bsize" >/dev/null 2>"$bdir/l.err"
         local l; l=$(summary_latency "$bdir/l.err")

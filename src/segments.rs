@@ -631,6 +631,10 @@ pub struct SegmentLog {
     dir_dirty: bool,
     /// A failed write could not be cut back.
     broken: bool,
+    /// Where the last read ended: (its segment's first id, the next
+    /// record's id and offset), so a sequential reader does not walk from
+    /// an index entry every time.
+    read_hint: std::cell::Cell<Option<(u64, IndexEntry)>>,
 }
 
 impl SegmentLog {
@@ -685,6 +689,7 @@ impl SegmentLog {
             dirty: false,
             dir_dirty: false,
             broken: false,
+            read_hint: std::cell::Cell::new(None),
         };
         let count = found.len();
         for (i, (first_id, path)) in found.into_iter().enumerate() {
@@ -998,6 +1003,7 @@ impl SegmentLog {
         }
         self.active = None;
         self.dirty = false;
+        self.read_hint.set(None);
         sync_dir(&self.disk, &self.dir)?;
         self.start_at(next_id)?;
         Ok(freed)
@@ -1059,6 +1065,7 @@ impl SegmentLog {
             return Ok(());
         }
         let offset = offset_of(file, segment, next_id)?;
+        self.read_hint.set(None);
         // Until the truncate is done, refused records may still be there:
         // if it fails, nothing more is appended after them.
         self.broken = true;
@@ -1221,16 +1228,36 @@ impl SegmentLog {
                 &opened
             }
         };
-        let entry = segment.index.seek(*id).unwrap_or(IndexEntry {
+        let mut at = segment.index.seek(*id).unwrap_or(IndexEntry {
             id: segment.first_id,
             offset: 0,
         });
+        // A reader that goes on where the last read ended (a consumer
+        // catching up) starts there, not at the index entry before it.
+        if let Some((first, hint)) = self.read_hint.get()
+            && first == segment.first_id
+            && at.id <= hint.id
+            && hint.id <= *id
+            && hint.offset <= segment.len
+        {
+            at = hint;
+        }
         let mut window = Window::new(file, segment.len);
-        let (mut offset, mut at_id) = (entry.offset, entry.id);
+        let (mut offset, mut at_id) = (at.offset, at.id);
         let whole = MAX_HEADER + self.max_msg_size + 1;
+        let mut spent = false;
         while at_id < segment.next_id {
+            // The header first, then exactly the record: the window is
+            // refilled a chunk at a time, not per record.
+            let head = window
+                .get(offset, MAX_HEADER)
+                .map_err(io_error("read", &segment.path))?;
+            let want = match Header::parse(head) {
+                Header::Whole { size, len, .. } => (len + size + 1).min(whole),
+                _ => MAX_HEADER,
+            };
             let bytes = window
-                .get(offset, whole)
+                .get(offset, want)
                 .map_err(io_error("read", &segment.path))?;
             let place = match check_record(bytes, self.max_msg_size) {
                 Ok(Some(place)) if place.id == at_id => place,
@@ -1243,21 +1270,25 @@ impl SegmentLog {
             };
             if at_id >= *id {
                 if budget.delivered > 0 && place.len as u64 > budget.bytes_left {
-                    return Ok(true);
+                    spent = true;
+                    break;
                 }
                 each(at_id, place.timestamp, &bytes[place.content.clone()]);
                 budget.delivered += 1;
                 budget.records_left -= 1;
                 budget.bytes_left = budget.bytes_left.saturating_sub(place.len as u64);
                 *id = at_id + 1;
-                if budget.records_left == 0 {
-                    return Ok(true);
-                }
             }
             offset += place.len as u64;
             at_id += 1;
+            if budget.records_left == 0 {
+                spent = true;
+                break;
+            }
         }
-        Ok(false)
+        let hint = IndexEntry { id: at_id, offset };
+        self.read_hint.set(Some((segment.first_id, hint)));
+        Ok(spent)
     }
 }
 
