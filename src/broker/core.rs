@@ -355,6 +355,8 @@ pub struct Recovered {
 
 /// Settings the core needs from the command line.
 pub struct CoreConfig {
+    /// The broker's stable id, shown in `STATS` (see `instance.rs`).
+    pub instance: String,
     pub messages_file: PathBuf,
     pub send_timeout: Duration,
     pub consumer_ttl: Duration,
@@ -1074,7 +1076,7 @@ impl Core {
             "OK:STATS:messages={held} capacity={} next_id={next_id} stored={} delivered={} \
              queue_full={} persistence_failures={} connections={} producers={} consumers={} \
              cursors={cursors} in_flight={in_flight} acked={} redelivered={} refused_full={} \
-             idle_drops={} file_bytes={file_len} fsync={} uptime_s={}\n",
+             idle_drops={} file_bytes={file_len} fsync={} uptime_s={} instance={}\n",
             self.ring.capacity(),
             load(&c.stored),
             load(&c.delivered),
@@ -1089,6 +1091,7 @@ impl Core {
             load(&c.idle_drops),
             self.config.fsync.name(),
             self.started.elapsed().as_secs(),
+            self.config.instance,
         );
         out.extend_from_slice(text.as_bytes());
     }

@@ -10,6 +10,7 @@
 
 mod core;
 mod cursor;
+pub mod instance;
 mod recovery;
 mod session;
 
@@ -146,7 +147,14 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
         .map_err(|err| format!("cannot listen on {}:{}: {err}", config.bind, config.port))?;
     let address = listener.local_addr()?;
 
+    // The id the NATS forwarder names this broker's messages with.
+    let (instance, created) = instance::load_or_create(&config.messages_file)?;
+    log.info(format_args!(
+        "instance {instance} ({})",
+        if created { "created" } else { "kept" }
+    ));
     let core_config = CoreConfig {
+        instance,
         messages_file: config.messages_file.clone(),
         send_timeout: config.send_timeout.min(MAX_SEND_WAIT),
         consumer_ttl: config.consumer_ttl,
