@@ -10,13 +10,19 @@ use std::time::Duration;
 use mensajeria::client::{CommonArgs, Endpoint};
 use mensajeria::config::{UsageError, number, string};
 use mensajeria::consumer::{self, ConsumerOptions, DEFAULT_WINDOW};
+use mensajeria::forward::{self, ForwardOptions};
+use mensajeria::nats;
 use mensajeria::protocol::valid_consumer_id;
 
 const USAGE: &str = "\
 usage: consumer [--id ID [--ack]] [OPTIONS]
+       consumer --id ID --to-nats nats://[USER:PASS@]HOST:PORT --subject SUBJECT
+                [--stream NAME] [--window N] [--nats-token-file FILE] [OPTIONS]
 
 Registers with the broker (resuming consumer ID's position with --id),
-then prints each message's content on stdout, one per line.
+then prints each message's content on stdout, one per line. With
+--to-nats it forwards them into a NATS JetStream stream instead, exactly
+once: each is acknowledged to the broker only once JetStream stored it.
 
 options:
       --id ID             consumer id to resume (1-64 of A-Z a-z 0-9 . _ -)
@@ -34,11 +40,85 @@ options:
       --retries N         reconnection attempts before giving up   [no limit]
       --heartbeat S       heartbeat after S idle seconds           [20]
                           (keep it well under the broker's --idle-timeout)
+      --to-nats URL       forward into NATS JetStream at URL (ack mode, needs --id);
+                          see docs/scale-out.md
+      --subject SUBJECT   NATS subject to publish on (one per broker)
+      --stream NAME       JetStream stream, created if missing with SUBJECT
+                          [SUBJECT with . * > as _]
+      --nats-token-file F NATS token (instead of USER:PASS in the URL)
+                          (with --to-nats, --window is the publishes in flight [256])
   -h, --help              print this help
   -V, --version           print the version
 ";
 
-fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
+/// What to run.
+enum Mode {
+    Print(ConsumerOptions),
+    Forward(ForwardOptions),
+}
+
+/// The `--to-nats` options, gathered before they are checked together.
+#[derive(Default)]
+struct NatsArgs {
+    url: Option<String>,
+    subject: Option<String>,
+    stream: Option<String>,
+    token_file: Option<std::path::PathBuf>,
+    window: Option<usize>,
+}
+
+impl NatsArgs {
+    /// The forwarder's options, if `--to-nats` was given.
+    fn into_forward(self, options: &ConsumerOptions) -> Result<Option<ForwardOptions>, UsageError> {
+        let Some(url) = self.url else {
+            if self.subject.is_some() || self.stream.is_some() || self.token_file.is_some() {
+                return Err(UsageError(
+                    "--subject, --stream and --nats-token-file need --to-nats".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let nats = nats::parse_url(&url)
+            .map_err(|e| UsageError(format!("invalid value for --to-nats: {e}")))?;
+        let id = options.id.clone().ok_or_else(|| {
+            UsageError("--to-nats needs --id: the forwarder's progress is kept under it".into())
+        })?;
+        let subject = self
+            .subject
+            .ok_or_else(|| UsageError("--to-nats needs --subject".into()))?;
+        if !nats::valid_subject(&subject, false) {
+            return Err(UsageError(format!(
+                "invalid value '{subject}' for --subject: dot-separated tokens, no spaces or wildcards"
+            )));
+        }
+        let stream = self
+            .stream
+            .unwrap_or_else(|| nats::stream_name_for(&subject));
+        if !nats::valid_stream_name(&stream) {
+            return Err(UsageError(format!(
+                "invalid value '{stream}' for --stream: no . * > / \\ or spaces"
+            )));
+        }
+        if options.count.is_some() || options.timeout.is_some() || options.verbose {
+            return Err(UsageError(
+                "--count, --timeout and --verbose do not apply to --to-nats".into(),
+            ));
+        }
+        Ok(Some(ForwardOptions {
+            endpoint: options.endpoint.clone(),
+            id,
+            nats,
+            token_file: self.token_file,
+            subject,
+            stream,
+            window: self.window.unwrap_or(forward::DEFAULT_WINDOW),
+            retries: options.retries,
+            heartbeat: options.heartbeat,
+        }))
+    }
+}
+
+fn parse() -> Result<Option<Mode>, UsageError> {
     use lexopt::prelude::*;
     let mut parser = lexopt::Parser::from_env();
     let mut common = CommonArgs::default();
@@ -56,6 +136,7 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
         heartbeat: Default::default(),
         ack: false,
     };
+    let mut to_nats = NatsArgs::default();
     while let Some(arg) = parser.next()? {
         match arg {
             Long(name) if CommonArgs::OPTIONS.contains(&name) => {
@@ -85,7 +166,14 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
             Long("ack") => options.ack = true,
             Short('v') | Long("verbose") => options.verbose = true,
             Short('w') | Long("window") => {
-                options.window = number(&mut parser, "--window", 1, 4096)?
+                options.window = number(&mut parser, "--window", 1, 4096)?;
+                to_nats.window = Some(options.window);
+            }
+            Long("to-nats") => to_nats.url = Some(string(&mut parser, "--to-nats")?),
+            Long("subject") => to_nats.subject = Some(string(&mut parser, "--subject")?),
+            Long("stream") => to_nats.stream = Some(string(&mut parser, "--stream")?),
+            Long("nats-token-file") => {
+                to_nats.token_file = Some(string(&mut parser, "--nats-token-file")?.into())
             }
             Short('h') | Long("help") => {
                 print!("{USAGE}");
@@ -107,12 +195,16 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
         Endpoint::resolve(common.host, common.port, Some(("SERVER_IP", "SERVER_PORT")))?;
     options.retries = common.retries;
     options.heartbeat = common.heartbeat;
-    Ok(Some(options))
+    if let Some(forward) = to_nats.into_forward(&options)? {
+        return Ok(Some(Mode::Forward(forward)));
+    }
+    Ok(Some(Mode::Print(options)))
 }
 
 fn main() -> ExitCode {
     match parse() {
-        Ok(Some(options)) => ExitCode::from(consumer::run(&options) as u8),
+        Ok(Some(Mode::Print(options))) => ExitCode::from(consumer::run(&options) as u8),
+        Ok(Some(Mode::Forward(options))) => ExitCode::from(forward::run(&options) as u8),
         Ok(None) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("consumer: {err}\n\n{USAGE}");
