@@ -268,10 +268,10 @@ impl Pipeline {
                     self.probe = self.unacked() > 0;
                 })
             }
-            Reply::Ok(rest) if rest.starts_with(b"ACK:") => self.answer(Request::Ack, line),
+            Reply::Acked(_) => self.answer(Request::Ack, line),
             // Acknowledged already (a redelivery acked twice): harmless.
             Reply::Error(Some(ErrorCode::UnknownMessageId), _) => self.answer(Request::Ack, line),
-            Reply::Ok(b"HEARTBEAT") => self.answer(Request::Heartbeat, line),
+            Reply::Heartbeat => self.answer(Request::Heartbeat, line),
             Reply::Error(_, text) => Err(Verdict::Reconnect(format!(
                 "the broker said ERROR:{}",
                 String::from_utf8_lossy(text)
@@ -837,7 +837,7 @@ impl BrokerWire {
         let register = format!("REGISTER:CONSUMER:{}:ACK", options.id);
         let reply = wire.request(register.as_bytes())?;
         match protocol::parse_reply(&reply) {
-            Reply::Ok(rest) if rest.starts_with(b"CONSUMER:") => {}
+            Reply::Consumer(_) => {}
             Reply::Error(Some(ErrorCode::InvalidRegistration), _) => {
                 return Err(Verdict::Fatal(format!(
                     "the broker refused ack mode for '{}': an id keeps the mode it was created in \
@@ -853,20 +853,17 @@ impl BrokerWire {
             }
         }
         let stats = wire.request(b"STATS")?;
-        let instance = stats
-            .strip_prefix(b"OK:STATS:")
-            .and_then(|body| {
-                body.split(|&b| b == b' ')
-                    .find_map(|pair| pair.strip_prefix(b"instance="))
-            })
-            .map(|id| String::from_utf8_lossy(id).into_owned())
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| {
-                Verdict::Fatal(
-                    "the broker's STATS has no instance=<hex>: it is too old to forward from"
-                        .into(),
-                )
-            })?;
+        let instance = match protocol::parse_reply(&stats) {
+            Reply::Stats(body) => protocol::stats_field(body, "instance"),
+            _ => None,
+        }
+        .map(|id| String::from_utf8_lossy(id).into_owned())
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| {
+            Verdict::Fatal(
+                "the broker's STATS has no instance=<hex>: it is too old to forward from".into(),
+            )
+        })?;
         Ok((wire, instance))
     }
 

@@ -739,7 +739,7 @@ mod tests {
         let (op, used) = parse_op(b"MSG _INBOX.x.7 1 5\r\nhello\r\nPING\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!(used, 25);
+        assert_eq!(used, 27);
         let Op::Msg(msg) = op else { panic!() };
         assert_eq!(
             (

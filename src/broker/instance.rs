@@ -43,7 +43,11 @@ pub fn load_or_create(messages: &Path) -> io::Result<(String, bool)> {
         }),
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             let id = random_id()?;
-            crate::store::replace_file(&path, format!("{id}\n").as_bytes())?;
+            crate::store::replace_file(
+                &crate::disk::Disk::real(),
+                &path,
+                format!("{id}\n").as_bytes(),
+            )?;
             Ok((id, true))
         }
         Err(err) => Err(io::Error::new(
