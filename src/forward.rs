@@ -1196,3 +1196,237 @@ fn last_stored(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INBOX: &str = "_INBOX.t";
+
+    fn pipeline(window: usize, stored: u64) -> Pipeline {
+        let totals = Totals {
+            stored,
+            ..Totals::default()
+        };
+        Pipeline::new(window, "ab12", "edge.a", INBOX, totals)
+    }
+
+    fn broker(p: &mut Pipeline) -> String {
+        let mut wire = Vec::new();
+        p.queue_broker(&mut wire);
+        String::from_utf8(wire).unwrap()
+    }
+
+    /// Feeds broker lines; returns the HPUBs' message ids, in order.
+    fn lines(p: &mut Pipeline, lines: &[&str]) -> Vec<String> {
+        let mut nats = Vec::new();
+        for line in lines {
+            assert_eq!(
+                p.on_broker_line(line.as_bytes(), &mut nats),
+                Verdict::Continue,
+                "{line}"
+            );
+        }
+        let text = String::from_utf8(nats).unwrap();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("Nats-Msg-Id: "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn puback(sequence: u64, body: &str) -> Msg {
+        Msg {
+            subject: format!("{INBOX}.{sequence}").into_bytes(),
+            sid: 1,
+            reply: None,
+            headers: None,
+            payload: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn publishes_in_order_and_acks_only_after_the_puback() {
+        let mut p = pipeline(3, 0);
+        assert_eq!(broker(&mut p), "GET\nGET\nGET\n");
+        assert_eq!(broker(&mut p), "", "the window is full");
+        assert_eq!(lines(&mut p, &["MSG:1:a", "MSG:2:b"]), ["ab12-1", "ab12-2"]);
+        assert_eq!(broker(&mut p), "", "two publishes and one GET in flight");
+        assert_eq!(
+            p.on_puback(&puback(1, r#"{"stream":"S","seq":1}"#)),
+            Verdict::Continue
+        );
+        assert_eq!(broker(&mut p), "ACK:1\nGET\n");
+        assert_eq!(
+            p.on_puback(&puback(2, r#"{"stream":"S","seq":2,"duplicate":true}"#)),
+            Verdict::Continue
+        );
+        assert_eq!(broker(&mut p), "ACK:2\nGET\n");
+        assert_eq!(
+            (p.totals.forwarded, p.totals.duplicates, p.totals.stored),
+            (1, 1, 2)
+        );
+    }
+
+    #[test]
+    fn hpub_carries_the_content_byte_for_byte() {
+        let mut p = pipeline(1, 0);
+        broker(&mut p);
+        let mut nats = Vec::new();
+        p.on_broker_line(b"MSG:9:x:y \xff", &mut nats);
+        assert!(nats.starts_with(b"HPUB edge.a _INBOX.t.1 "));
+        assert!(nats.ends_with(b"Nats-Msg-Id: ab12-9\r\n\r\nx:y \xff\r\n"));
+    }
+
+    #[test]
+    fn what_the_stream_holds_is_skipped_and_acked() {
+        let mut p = pipeline(4, 5);
+        broker(&mut p);
+        assert_eq!(
+            lines(&mut p, &["MSG:4:d", "MSG:5:e", "MSG:6:f"]),
+            ["ab12-6"]
+        );
+        assert_eq!(p.totals.skipped, 2);
+        assert_eq!(broker(&mut p), "ACK:4\nACK:5\nGET\nGET\n");
+    }
+
+    #[test]
+    fn a_redelivery_of_a_publish_in_flight_waits_for_its_puback() {
+        let mut p = pipeline(4, 0);
+        broker(&mut p);
+        assert_eq!(lines(&mut p, &["MSG:1:a", "MSG:1:a"]), ["ab12-1"]);
+        p.on_puback(&puback(1, r#"{"seq":1}"#));
+        assert_eq!(broker(&mut p), "ACK:1\nGET\nGET\n", "two GETs still due");
+    }
+
+    #[test]
+    fn no_messages_waits_for_a_notify_and_probes_once_after_the_acks() {
+        let mut p = pipeline(2, 0);
+        broker(&mut p);
+        lines(&mut p, &["MSG:1:a", "ERROR:No messages available"]);
+        assert_eq!(broker(&mut p), "", "drained: wait");
+        p.on_puback(&puback(1, r#"{"seq":1}"#));
+        assert_eq!(
+            broker(&mut p),
+            "ACK:1\n",
+            "no GET before the ack is confirmed"
+        );
+        lines(&mut p, &["OK:ACK:1"]);
+        assert_eq!(
+            broker(&mut p),
+            "GET\n",
+            "the broker may have been at its bound"
+        );
+        lines(&mut p, &["ERROR:No messages available"]);
+        assert_eq!(broker(&mut p), "", "nothing unacked: wait for the NOTIFY");
+        lines(&mut p, &["NOTIFY:MESSAGES_AVAILABLE:3"]);
+        assert_eq!(broker(&mut p), "GET\nGET\n");
+    }
+
+    #[test]
+    fn replies_are_matched_in_request_order() {
+        let mut p = pipeline(1, 0);
+        broker(&mut p);
+        p.heartbeat_sent();
+        let mut nats = Vec::new();
+        assert!(matches!(
+            p.on_broker_line(b"OK:HEARTBEAT", &mut nats),
+            Verdict::Reconnect(_)
+        ));
+        let mut p = pipeline(1, 0);
+        broker(&mut p);
+        for line in ["OK:ACK:3", "ERROR:Shutting down", "garbage"] {
+            assert!(
+                matches!(
+                    p.on_broker_line(line.as_bytes(), &mut nats),
+                    Verdict::Reconnect(_)
+                ),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn puback_errors_are_transient_or_permanent() {
+        let cases = [
+            (
+                r#"{"error":{"code":503,"err_code":10008,"description":"temporarily unavailable"}}"#,
+                false,
+            ),
+            (
+                r#"{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"}}"#,
+                true,
+            ),
+            ("not json", false),
+        ];
+        for (body, fatal) in cases {
+            let mut p = pipeline(1, 0);
+            broker(&mut p);
+            lines(&mut p, &["MSG:1:a"]);
+            let verdict = p.on_puback(&puback(1, body));
+            assert_eq!(
+                matches!(verdict, Verdict::Fatal(_)),
+                fatal,
+                "{body}: {verdict:?}"
+            );
+            assert_ne!(verdict, Verdict::Continue);
+            assert_eq!(broker(&mut p), "", "{body}: nothing acked");
+        }
+        let mut p = pipeline(2, 0);
+        broker(&mut p);
+        lines(&mut p, &["MSG:1:a", "MSG:2:b"]);
+        assert!(
+            matches!(p.on_puback(&puback(2, "{}")), Verdict::Reconnect(_)),
+            "out of order"
+        );
+        let mut status = puback(1, "");
+        status.headers = Some(b"NATS/1.0 503\r\n\r\n".to_vec());
+        assert!(
+            matches!(p.on_puback(&status), Verdict::Reconnect(_)),
+            "no responders"
+        );
+    }
+
+    #[test]
+    fn server_errors() {
+        let cases = [
+            ("Authorization Violation", true),
+            ("Permissions Violation for Publish to \"edge.a\"", true),
+            ("Maximum Payload Violation", true),
+            ("Stale Connection", false),
+            ("Slow Consumer", false),
+        ];
+        for (text, fatal) in cases {
+            assert_eq!(
+                matches!(server_error_verdict(text), Verdict::Fatal(_)),
+                fatal,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn stop_waits_for_the_pubacks_in_flight_and_publishes_nothing_new() {
+        let mut p = pipeline(3, 0);
+        broker(&mut p);
+        lines(&mut p, &["MSG:1:a"]);
+        p.stop();
+        assert!(!p.settled());
+        assert_eq!(
+            lines(&mut p, &["MSG:2:b"]),
+            Vec::<String>::new(),
+            "left to the broker"
+        );
+        p.on_puback(&puback(1, r#"{"seq":1}"#));
+        assert_eq!(broker(&mut p), "ACK:1\n", "no more GETs");
+        lines(&mut p, &["ERROR:No messages available", "OK:ACK:1"]);
+        assert!(p.settled());
+    }
+
+    #[test]
+    fn own_message_ids() {
+        assert_eq!(own_message_id(b"ab12-77", "ab12"), Some(77));
+        assert_eq!(own_message_id(b"ff00-77", "ab12"), None);
+        assert_eq!(own_message_id(b"ab12-", "ab12"), None);
+        assert_eq!(own_message_id(b"ab1277", "ab12"), None);
+    }
+}
