@@ -11,4 +11,5 @@ mod broker_limits;
 mod broker_persistence;
 mod broker_protocol;
 mod clients;
+mod nats_forward;
 mod torture;
