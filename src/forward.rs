@@ -137,9 +137,10 @@ pub struct Pipeline {
     probe: bool,
     /// Publishes whose PubAck is due, oldest first: (sequence, message id).
     in_flight: VecDeque<(u64, u64)>,
+    /// Messages taken from our broker, to publish once the window has
+    /// room: (message id, content).
+    ready: VecDeque<(u64, Vec<u8>)>,
     next_sequence: u64,
-    /// The highest id published in this cycle.
-    published: u64,
     /// Ids stored in JetStream, to acknowledge to our broker.
     to_ack: Vec<u64>,
     stopping: bool,
@@ -166,8 +167,8 @@ impl Pipeline {
             drained: false,
             probe: false,
             in_flight: VecDeque::new(),
+            ready: VecDeque::new(),
             next_sequence: 1,
-            published: totals.stored,
             to_ack: Vec::new(),
             stopping: false,
             totals,
@@ -187,11 +188,18 @@ impl Pipeline {
         if self.stopping {
             return;
         }
-        let busy = self.gets_due + self.in_flight.len();
+        // Up to a window of publishes in flight, and as many GETs again
+        // on their way, so that JetStream always has a full window while
+        // the broker's round trip overlaps it. Messages taken and not
+        // acknowledged stay under 2 x window (below the broker's default
+        // --max-ack-pending, 1000, for the default window).
+        let busy = self.gets_due + self.in_flight.len() + self.ready.len();
         let mut gets = if self.drained {
             0
         } else {
-            self.window.saturating_sub(busy)
+            (2 * self.window)
+                .saturating_sub(busy)
+                .min(self.window.saturating_sub(self.gets_due))
         };
         if self.drained && self.probe && self.gets_due == 0 && self.unacked() == 0 {
             gets = 1;
@@ -206,7 +214,7 @@ impl Pipeline {
 
     /// Messages taken from our broker and not yet acknowledged to it.
     fn unacked(&self) -> usize {
-        self.in_flight.len() + self.to_ack.len() + self.acks_due
+        self.in_flight.len() + self.ready.len() + self.to_ack.len() + self.acks_due
     }
 
     /// A heartbeat went out to our broker.
@@ -226,7 +234,11 @@ impl Pipeline {
 
     /// Stopping, and nothing left in flight on either side.
     pub fn settled(&self) -> bool {
-        self.stopping && self.in_flight.is_empty() && self.to_ack.is_empty() && self.acks_due == 0
+        self.stopping
+            && self.in_flight.is_empty()
+            && self.ready.is_empty()
+            && self.to_ack.is_empty()
+            && self.acks_due == 0
     }
 
     /// PubAcks due.
@@ -251,8 +263,8 @@ impl Pipeline {
         Ok(())
     }
 
-    /// One line from our broker; an `HPUB` it calls for goes to `nats`.
-    pub fn on_broker_line(&mut self, line: &[u8], nats: &mut Vec<u8>) -> Verdict {
+    /// One line from our broker.
+    pub fn on_broker_line(&mut self, line: &[u8]) -> Verdict {
         let result = match protocol::parse_reply(line) {
             Reply::Notify(_) => {
                 self.drained = false;
@@ -260,7 +272,7 @@ impl Pipeline {
             }
             Reply::Msg { id, content } => self.answer(Request::Get, line).map(|()| {
                 self.drained = false;
-                self.on_message(id, content, nats);
+                self.on_message(id, content);
             }),
             Reply::Error(Some(ErrorCode::NoMessages), _) => {
                 self.answer(Request::Get, line).map(|()| {
@@ -285,9 +297,9 @@ impl Pipeline {
     }
 
     /// A message from our broker: skip it if the stream has it, ignore it
-    /// if its publish is in flight (the ack wait passed and the broker
-    /// sent it again; the PubAck due will acknowledge it), else publish.
-    fn on_message(&mut self, id: u64, content: &[u8], nats: &mut Vec<u8>) {
+    /// if it is on its way already (the ack wait passed and the broker sent
+    /// it again; the PubAck due will acknowledge it), else make it ready.
+    fn on_message(&mut self, id: u64, content: &[u8]) {
         if self.stopping {
             // Not published and not acknowledged: our broker keeps it.
             return;
@@ -297,19 +309,30 @@ impl Pipeline {
             self.to_ack.push(id);
             return;
         }
-        if self.in_flight.iter().any(|&(_, pending)| pending == id) {
-            return;
+        let on_its_way = self.in_flight.iter().any(|&(_, pending)| pending == id)
+            || self.ready.iter().any(|(pending, _)| *pending == id);
+        if !on_its_way {
+            self.ready.push_back((id, content.to_vec()));
         }
-        let sequence = self.next_sequence;
-        self.next_sequence += 1;
-        let mut reply = Vec::with_capacity(self.inbox.len() + 20);
-        reply.extend_from_slice(self.inbox.as_bytes());
-        protocol::push_u64(&mut reply, sequence);
-        let mut msg_id = self.id_prefix.clone();
-        protocol::push_u64(&mut msg_id, id);
-        nats::push_hpub_with_id(nats, &self.subject, &reply, &msg_id, content);
-        self.in_flight.push_back((sequence, id));
-        self.published = self.published.max(id);
+    }
+
+    /// Queues in `wire` the `HPUB`s the window has room for, in id order
+    /// of arrival, each with its own reply subject on our inbox.
+    pub fn queue_nats(&mut self, wire: &mut Vec<u8>) {
+        while self.in_flight.len() < self.window {
+            let Some((id, content)) = self.ready.pop_front() else {
+                break;
+            };
+            let sequence = self.next_sequence;
+            self.next_sequence += 1;
+            let mut reply = Vec::with_capacity(self.inbox.len() + 20);
+            reply.extend_from_slice(self.inbox.as_bytes());
+            protocol::push_u64(&mut reply, sequence);
+            let mut msg_id = self.id_prefix.clone();
+            protocol::push_u64(&mut msg_id, id);
+            nats::push_hpub_with_id(wire, &self.subject, &reply, &msg_id, &content);
+            self.in_flight.push_back((sequence, id));
+        }
     }
 
     /// A message on our inbox: the PubAck of the oldest publish in flight.
@@ -331,17 +354,15 @@ impl Pipeline {
             // 503: no responders, the stream is not there (yet); retry.
             return Verdict::Reconnect(format!("publish answered with status {status}"));
         }
-        let Some(json) = Json::parse(&msg.payload) else {
-            return Verdict::Reconnect(format!(
-                "PubAck is not JSON: '{}'",
-                String::from_utf8_lossy(&msg.payload)
-            ));
+        let duplicate = match nats::quick_puback(&msg.payload) {
+            Some(duplicate) => duplicate,
+            None => match self.puback_json(&msg.payload) {
+                Ok(duplicate) => duplicate,
+                Err(verdict) => return verdict,
+            },
         };
-        if let Some(error) = json.get("error") {
-            return api_error_verdict("publish", error);
-        }
         self.in_flight.pop_front();
-        if json.get("duplicate").and_then(Json::as_bool) == Some(true) {
+        if duplicate {
             self.totals.duplicates += 1;
         } else {
             self.totals.forwarded += 1;
@@ -349,6 +370,21 @@ impl Pipeline {
         self.totals.stored = self.totals.stored.max(id);
         self.to_ack.push(id);
         Verdict::Continue
+    }
+
+    /// A PubAck the quick reader did not take: whether it says duplicate,
+    /// or what its error means.
+    fn puback_json(&self, payload: &[u8]) -> Result<bool, Verdict> {
+        let Some(json) = Json::parse(payload) else {
+            return Err(Verdict::Reconnect(format!(
+                "PubAck is not JSON: '{}'",
+                String::from_utf8_lossy(payload)
+            )));
+        };
+        if let Some(error) = json.get("error") {
+            return Err(api_error_verdict("publish", error));
+        }
+        Ok(json.get("duplicate").and_then(Json::as_bool) == Some(true))
     }
 }
 
@@ -669,6 +705,7 @@ fn pump(
         {
             return Ok(());
         }
+        pipeline.queue_nats(&mut to_nats);
         pipeline.queue_broker(&mut to_broker);
         timers(
             pipeline,
@@ -735,7 +772,7 @@ fn handle(
         Event::Broker(lines) => {
             clocks.broker_heard = Instant::now();
             for line in lines {
-                verdict(pipeline.on_broker_line(&line, to_nats))?;
+                verdict(pipeline.on_broker_line(&line))?;
             }
             Ok(())
         }
@@ -1222,11 +1259,12 @@ mod tests {
         let mut nats = Vec::new();
         for line in lines {
             assert_eq!(
-                p.on_broker_line(line.as_bytes(), &mut nats),
+                p.on_broker_line(line.as_bytes()),
                 Verdict::Continue,
                 "{line}"
             );
         }
+        p.queue_nats(&mut nats);
         let text = String::from_utf8(nats).unwrap();
         text.lines()
             .filter_map(|l| l.strip_prefix("Nats-Msg-Id: "))
@@ -1248,19 +1286,24 @@ mod tests {
     fn publishes_in_order_and_acks_only_after_the_puback() {
         let mut p = pipeline(3, 0);
         assert_eq!(broker(&mut p), "GET\nGET\nGET\n");
-        assert_eq!(broker(&mut p), "", "the window is full");
+        assert_eq!(broker(&mut p), "", "a window of GETs is on its way");
         assert_eq!(lines(&mut p, &["MSG:1:a", "MSG:2:b"]), ["ab12-1", "ab12-2"]);
-        assert_eq!(broker(&mut p), "", "two publishes and one GET in flight");
+        assert_eq!(broker(&mut p), "GET\nGET\n", "GETs ahead of the publishes");
+        assert_eq!(
+            broker(&mut p),
+            "",
+            "two publishes and three GETs: 2 x window less one"
+        );
         assert_eq!(
             p.on_puback(&puback(1, r#"{"stream":"S","seq":1}"#)),
             Verdict::Continue
         );
-        assert_eq!(broker(&mut p), "ACK:1\nGET\n");
+        assert_eq!(broker(&mut p), "ACK:1\n", "a window of GETs still due");
         assert_eq!(
             p.on_puback(&puback(2, r#"{"stream":"S","seq":2,"duplicate":true}"#)),
             Verdict::Continue
         );
-        assert_eq!(broker(&mut p), "ACK:2\nGET\n");
+        assert_eq!(broker(&mut p), "ACK:2\n");
         assert_eq!(
             (p.totals.forwarded, p.totals.duplicates, p.totals.stored),
             (1, 1, 2)
@@ -1268,11 +1311,30 @@ mod tests {
     }
 
     #[test]
+    fn publishes_never_exceed_the_window() {
+        let mut p = pipeline(2, 0);
+        assert_eq!(broker(&mut p), "GET\nGET\n");
+        assert_eq!(lines(&mut p, &["MSG:1:a", "MSG:2:b"]), ["ab12-1", "ab12-2"]);
+        assert_eq!(broker(&mut p), "GET\nGET\n");
+        assert_eq!(
+            lines(&mut p, &["MSG:3:c", "MSG:4:d"]),
+            Vec::<String>::new(),
+            "held back"
+        );
+        assert_eq!(p.publishes_in_flight(), 2);
+        assert_eq!(broker(&mut p), "", "2 x window taken and not acknowledged");
+        p.on_puback(&puback(1, "{}"));
+        assert_eq!(lines(&mut p, &[]), ["ab12-3"]);
+        assert_eq!(broker(&mut p), "ACK:1\nGET\n");
+    }
+
+    #[test]
     fn hpub_carries_the_content_byte_for_byte() {
         let mut p = pipeline(1, 0);
         broker(&mut p);
         let mut nats = Vec::new();
-        p.on_broker_line(b"MSG:9:x:y \xff", &mut nats);
+        p.on_broker_line(b"MSG:9:x:y \xff");
+        p.queue_nats(&mut nats);
         assert!(nats.starts_with(b"HPUB edge.a _INBOX.t.1 "));
         assert!(nats.ends_with(b"Nats-Msg-Id: ab12-9\r\n\r\nx:y \xff\r\n"));
     }
@@ -1286,7 +1348,7 @@ mod tests {
             ["ab12-6"]
         );
         assert_eq!(p.totals.skipped, 2);
-        assert_eq!(broker(&mut p), "ACK:4\nACK:5\nGET\nGET\n");
+        assert_eq!(broker(&mut p), "ACK:4\nACK:5\nGET\nGET\nGET\n");
     }
 
     #[test]
@@ -1327,19 +1389,15 @@ mod tests {
         let mut p = pipeline(1, 0);
         broker(&mut p);
         p.heartbeat_sent();
-        let mut nats = Vec::new();
         assert!(matches!(
-            p.on_broker_line(b"OK:HEARTBEAT", &mut nats),
+            p.on_broker_line(b"OK:HEARTBEAT"),
             Verdict::Reconnect(_)
         ));
         let mut p = pipeline(1, 0);
         broker(&mut p);
         for line in ["OK:ACK:3", "ERROR:Shutting down", "garbage"] {
             assert!(
-                matches!(
-                    p.on_broker_line(line.as_bytes(), &mut nats),
-                    Verdict::Reconnect(_)
-                ),
+                matches!(p.on_broker_line(line.as_bytes()), Verdict::Reconnect(_)),
                 "{line}"
             );
         }
@@ -1369,7 +1427,7 @@ mod tests {
                 "{body}: {verdict:?}"
             );
             assert_ne!(verdict, Verdict::Continue);
-            assert_eq!(broker(&mut p), "", "{body}: nothing acked");
+            assert!(!broker(&mut p).contains("ACK"), "{body}: nothing acked");
         }
         let mut p = pipeline(2, 0);
         broker(&mut p);

@@ -330,12 +330,27 @@ pub fn push_hpub_with_id(
     out.extend_from_slice(subject.as_bytes());
     out.push(b' ');
     out.extend_from_slice(reply);
-    out.extend_from_slice(format!(" {header_len} {}\r\n", header_len + payload.len()).as_bytes());
+    // Digits by hand: this runs once per message forwarded.
+    out.push(b' ');
+    crate::protocol::push_u64(out, header_len as u64);
+    out.push(b' ');
+    crate::protocol::push_u64(out, (header_len + payload.len()) as u64);
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(HEAD);
     out.extend_from_slice(msg_id);
     out.extend_from_slice(TAIL);
     out.extend_from_slice(payload);
     out.extend_from_slice(b"\r\n");
+}
+
+/// A PubAck read without building a JSON tree, for the common case:
+/// `{"stream":…,"seq":…}` with no `error`; `Some(duplicate)`. Anything
+/// else (`None`) is left to [`Json::parse`].
+pub fn quick_puback(payload: &[u8]) -> Option<bool> {
+    let contains = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+    let plain =
+        payload.starts_with(b"{\"stream\":") && payload.ends_with(b"}") && !contains(b"\"error\"");
+    plain.then(|| contains(b"\"duplicate\":true"))
 }
 
 /// Whether `subject` is a valid subject: dot-separated non-empty tokens of
@@ -787,6 +802,26 @@ mod tests {
         );
         assert_eq!(&rest[header_len..total], "body");
         assert_eq!(&rest[total..], "\r\n");
+    }
+
+    #[test]
+    fn quick_pubacks() {
+        let cases: &[(&[u8], Option<bool>)] = &[
+            (br#"{"stream":"S","seq":5}"#, Some(false)),
+            (br#"{"stream":"S","seq":5,"duplicate":true}"#, Some(true)),
+            (br#"{"stream":"S","seq":5,"duplicate":false}"#, Some(false)),
+            (br#"{"error":{"code":503}}"#, None),
+            (br#"{"stream":"S","error":{"code":400}}"#, None),
+            (br#"{"stream":"S""#, None),
+        ];
+        for (payload, want) in cases {
+            assert_eq!(
+                quick_puback(payload),
+                *want,
+                "{}",
+                String::from_utf8_lossy(payload)
+            );
+        }
     }
 
     #[test]

@@ -575,6 +575,7 @@ fn nats_forward_skips_what_the_stream_holds_after_the_duplicate_window() {
         "{held}\n{stderr}"
     );
     assert!(!stderr.contains("stream DW created"), "{stderr}");
+    eprintln!("{stderr}");
     assert_exactly_once(&mut nats, "DW", &instance(&broker), &sent);
     // A subject the stream does not cover: a clear refusal, exit 1.
     let mut wrong = Forwarder::start(
