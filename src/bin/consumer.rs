@@ -68,6 +68,20 @@ struct NatsArgs {
 }
 
 impl NatsArgs {
+    /// The long options (without `--`) that [`take`](Self::take) knows.
+    const OPTIONS: [&'static str; 4] = ["to-nats", "subject", "stream", "nats-token-file"];
+
+    fn take(&mut self, name: &str, parser: &mut lexopt::Parser) -> Result<(), UsageError> {
+        let value = Some(string(parser, &format!("--{name}"))?);
+        match name {
+            "to-nats" => self.url = value,
+            "subject" => self.subject = value,
+            "stream" => self.stream = value,
+            _ => self.token_file = value.map(Into::into),
+        }
+        Ok(())
+    }
+
     /// The forwarder's options, if `--to-nats` was given.
     fn into_forward(self, options: &ConsumerOptions) -> Result<Option<ForwardOptions>, UsageError> {
         let Some(url) = self.url else {
@@ -169,11 +183,9 @@ fn parse() -> Result<Option<Mode>, UsageError> {
                 options.window = number(&mut parser, "--window", 1, 4096)?;
                 to_nats.window = Some(options.window);
             }
-            Long("to-nats") => to_nats.url = Some(string(&mut parser, "--to-nats")?),
-            Long("subject") => to_nats.subject = Some(string(&mut parser, "--subject")?),
-            Long("stream") => to_nats.stream = Some(string(&mut parser, "--stream")?),
-            Long("nats-token-file") => {
-                to_nats.token_file = Some(string(&mut parser, "--nats-token-file")?.into())
+            Long(name) if NatsArgs::OPTIONS.contains(&name) => {
+                let name = name.to_owned();
+                to_nats.take(&name, &mut parser)?;
             }
             Short('h') | Long("help") => {
                 print!("{USAGE}");
@@ -195,10 +207,10 @@ fn parse() -> Result<Option<Mode>, UsageError> {
         Endpoint::resolve(common.host, common.port, Some(("SERVER_IP", "SERVER_PORT")))?;
     options.retries = common.retries;
     options.heartbeat = common.heartbeat;
-    if let Some(forward) = to_nats.into_forward(&options)? {
-        return Ok(Some(Mode::Forward(forward)));
-    }
-    Ok(Some(Mode::Print(options)))
+    Ok(Some(match to_nats.into_forward(&options)? {
+        Some(forward) => Mode::Forward(forward),
+        None => Mode::Print(options),
+    }))
 }
 
 fn main() -> ExitCode {
