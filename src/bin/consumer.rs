@@ -198,6 +198,15 @@ fn parse() -> Result<Option<Mode>, UsageError> {
             _ => return Err(arg.unexpected().into()),
         }
     }
+    finish(options, common, to_nats).map(Some)
+}
+
+/// Checks what only the whole command line can tell, and picks the mode.
+fn finish(
+    mut options: ConsumerOptions,
+    common: CommonArgs,
+    to_nats: NatsArgs,
+) -> Result<Mode, UsageError> {
     if options.ack && options.id.is_none() {
         return Err(UsageError(
             "--ack needs --id: acknowledged progress is kept under a consumer id".into(),
@@ -207,10 +216,10 @@ fn parse() -> Result<Option<Mode>, UsageError> {
         Endpoint::resolve(common.host, common.port, Some(("SERVER_IP", "SERVER_PORT")))?;
     options.retries = common.retries;
     options.heartbeat = common.heartbeat;
-    Ok(Some(match to_nats.into_forward(&options)? {
+    Ok(match to_nats.into_forward(&options)? {
         Some(forward) => Mode::Forward(forward),
         None => Mode::Print(options),
-    }))
+    })
 }
 
 fn main() -> ExitCode {
