@@ -18,33 +18,32 @@ build() {
     echo "built: bin/broker bin/producer bin/consumer"
 }
 
-# The forwarder's tests (tests/it/nats_forward.rs) run real nats-server
-# processes. Install the Debian package when it is missing and we can (root
-# with apt-get); otherwise fail, naming the package: those tests never skip.
-ensure_nats_server() {
-    if command -v nats-server >/dev/null 2>&1; then
-        echo "nats-server: $(command -v nats-server), $(nats-server --version 2>&1)"
-        return 0
-    fi
+# Makes sure command $1 (from Debian package $2) is there for the tests:
+# installs it with apt-get when missing and we are root, and otherwise
+# fails naming the package. Tests never skip for want of a tool.
+ensure_tool() {
+    local tool=$1 package=$2
+    command -v "$tool" >/dev/null 2>&1 && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "nats-server is missing; installing the Debian package: apt-get update && apt-get install -y nats-server"
-        if apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server \
-            && command -v nats-server >/dev/null 2>&1; then
-            echo "nats-server: installed, $(nats-server --version 2>&1)"
-            return 0
+        echo "tests need $tool: installing the Debian package $package"
+        if ! { apt-get install -y -q "$package" >/dev/null 2>&1 ||
+            { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$package" >/dev/null 2>&1; }; }; then
+            echo "cannot install $package; install it by hand: apt-get install $package" >&2
+            return 1
         fi
-        echo "build.sh: could not install the Debian package nats-server" >&2
-        return 1
+        command -v "$tool" >/dev/null 2>&1 && return 0
     fi
-    echo "build.sh: nats-server not found: the NATS forwarder tests need the Debian package" \
-        "nats-server (as root: apt-get install -y nats-server)" >&2
+    echo "tests need $tool: install the Debian package $package (apt-get install $package)" >&2
     return 1
 }
 
 run_tests() {
+    ensure_tool strace strace
+    # The NATS forwarder's tests (tests/it/nats_forward.rs) run real
+    # nats-server processes.
+    ensure_tool nats-server nats-server
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
-    ensure_nats_server
     local log
     log="$(mktemp)"
     # Unit tests, then the integration tests in tests/it (no doc tests:

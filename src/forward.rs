@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{self, Backoff, Endpoint};
 use crate::nats::{self, Auth, Json, Msg, Op};
-use crate::protocol::{self, ErrorCode, Line, LineReader, Reply};
+use crate::protocol::{self, Command, ErrorCode, Line, LineReader, Reply};
 use crate::sys::os;
 
 /// What the command line asked for.
@@ -179,9 +179,7 @@ impl Pipeline {
     /// JetStream stored, then `GET`s up to the window.
     pub fn queue_broker(&mut self, wire: &mut Vec<u8>) {
         for id in std::mem::take(&mut self.to_ack) {
-            wire.extend_from_slice(b"ACK:");
-            protocol::push_u64(wire, id);
-            wire.push(b'\n');
+            protocol::encode_request(wire, &Command::Ack(id));
             self.due.push_back(Request::Ack);
             self.acks_due += 1;
         }
@@ -206,7 +204,7 @@ impl Pipeline {
             self.probe = false;
         }
         for _ in 0..gets {
-            wire.extend_from_slice(b"GET\n");
+            protocol::encode_request(wire, &Command::Get);
             self.due.push_back(Request::Get);
             self.gets_due += 1;
         }
@@ -285,7 +283,7 @@ impl Pipeline {
             Reply::Error(Some(ErrorCode::UnknownMessageId), _) => self.answer(Request::Ack, line),
             Reply::Heartbeat => self.answer(Request::Heartbeat, line),
             Reply::Error(_, text) => Err(Verdict::Reconnect(format!(
-                "the broker said ERROR:{}",
+                "the broker refused: {}",
                 String::from_utf8_lossy(text)
             ))),
             _ => Err(Verdict::Reconnect(format!(
@@ -638,7 +636,9 @@ fn pump_with_readers(
         false => Err(Verdict::Reconnect("cannot start a reader thread".into())),
     };
     if outcome.is_ok() {
-        let _ = broker_out.write_all(b"QUIT\n");
+        let mut quit = Vec::new();
+        protocol::encode_request(&mut quit, &Command::Quit);
+        let _ = broker_out.write_all(&quit);
     }
     // Wake the readers (blocked in read, or in send on a full channel),
     // then wait for them: no thread outlives its cycle.
@@ -825,9 +825,7 @@ fn timers(
         let unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        to_broker.extend_from_slice(b"HEARTBEAT:");
-        protocol::push_u64(to_broker, unix);
-        to_broker.push(b'\n');
+        protocol::encode_request(to_broker, &Command::Heartbeat(unix));
         pipeline.heartbeat_sent();
     }
     Ok(())
@@ -871,8 +869,11 @@ impl BrokerWire {
             stream,
             reader: LineReader::new(client::MAX_REPLY_LINE, 64 * 1024),
         };
-        let register = format!("REGISTER:CONSUMER:{}:ACK", options.id);
-        let reply = wire.request(register.as_bytes())?;
+        let register = Command::RegisterConsumer {
+            id: Some(options.id.as_bytes()),
+            ack: true,
+        };
+        let reply = wire.request(&register)?;
         match protocol::parse_reply(&reply) {
             Reply::Consumer(_) => {}
             Reply::Error(Some(ErrorCode::InvalidRegistration), _) => {
@@ -889,7 +890,7 @@ impl BrokerWire {
                 )));
             }
         }
-        let stats = wire.request(b"STATS")?;
+        let stats = wire.request(&Command::Stats)?;
         let instance = match protocol::parse_reply(&stats) {
             Reply::Stats(body) => protocol::stats_field(body, "instance"),
             _ => None,
@@ -898,17 +899,18 @@ impl BrokerWire {
         .filter(|id| !id.is_empty())
         .ok_or_else(|| {
             Verdict::Fatal(
-                "the broker's STATS has no instance=<hex>: it is too old to forward from".into(),
+                "the broker does not report its instance id: it is too old to forward from".into(),
             )
         })?;
         Ok((wire, instance))
     }
 
-    /// Sends `line` and waits (bounded) for its reply, skipping NOTIFYs.
-    fn request(&mut self, line: &[u8]) -> Result<Vec<u8>, Verdict> {
+    /// Sends `command` and waits (bounded) for its reply, skipping
+    /// NOTIFYs.
+    fn request(&mut self, command: &Command<'_>) -> Result<Vec<u8>, Verdict> {
         let lost = |err: io::Error| Verdict::Reconnect(format!("lost the broker: {err}"));
-        let mut request = line.to_vec();
-        request.push(b'\n');
+        let mut request = Vec::new();
+        protocol::encode_request(&mut request, command);
         self.stream.write_all(&request).map_err(lost)?;
         self.stream
             .set_read_timeout(Some(API_TIMEOUT))
@@ -1134,7 +1136,7 @@ fn ensure_stream(
     inbox: &str,
 ) -> Result<(), Verdict> {
     let stream = &options.stream;
-    let info = nats.request(&format!("$JS.API.STREAM.INFO.{stream}"), b"", inbox)?;
+    let info = nats.request(&nats::stream_api_subject("INFO", stream), b"", inbox)?;
     let info = match info.get("error") {
         Some(error) if error.get("err_code").and_then(Json::as_u64) == Some(10059) => {
             let created = create_stream(nats, options, inbox)?;
@@ -1186,7 +1188,7 @@ fn create_stream(
          \"max_msgs\":-1,\"max_bytes\":-1,\"max_age\":0,\"max_consumers\":-1,\"duplicate_window\":{}}}",
         DUPLICATE_WINDOW.as_nanos()
     ));
-    let subject = format!("$JS.API.STREAM.CREATE.{}", options.stream);
+    let subject = nats::stream_api_subject("CREATE", &options.stream);
     let reply = nats.request(&subject, config.as_bytes(), inbox)?;
     match reply.get("error") {
         Some(error) => Err(api_error_verdict("stream creation", error)),
@@ -1205,7 +1207,7 @@ fn last_stored(
     let mut query = String::from("{\"last_by_subj\":");
     nats::push_json_string(&mut query, &options.subject);
     query.push('}');
-    let subject = format!("$JS.API.STREAM.MSG.GET.{}", options.stream);
+    let subject = nats::msg_get_subject(&options.stream);
     let reply = nats.request(&subject, query.as_bytes(), inbox)?;
     if let Some(error) = reply.get("error") {
         // 10037: no message on that subject yet.

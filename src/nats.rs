@@ -332,9 +332,9 @@ pub fn push_hpub_with_id(
     out.extend_from_slice(reply);
     // Digits by hand: this runs once per message forwarded.
     out.push(b' ');
-    crate::protocol::push_u64(out, header_len as u64);
+    crate::text::push_u64(out, header_len as u64);
     out.push(b' ');
-    crate::protocol::push_u64(out, (header_len + payload.len()) as u64);
+    crate::text::push_u64(out, (header_len + payload.len()) as u64);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(HEAD);
     out.extend_from_slice(msg_id);
@@ -351,6 +351,18 @@ pub fn quick_puback(payload: &[u8]) -> Option<bool> {
     let plain =
         payload.starts_with(b"{\"stream\":") && payload.ends_with(b"}") && !contains(b"\"error\"");
     plain.then(|| contains(b"\"duplicate\":true"))
+}
+
+/// A JetStream stream API subject: `$JS.API.STREAM.<verb>.<stream>`
+/// (`INFO`, `CREATE`, ...).
+pub fn stream_api_subject(verb: &str, stream: &str) -> String {
+    format!("$JS.API.STREAM.{verb}.{stream}")
+}
+
+/// The subject that reads one stored message of a stream (by sequence or
+/// `last_by_subj`).
+pub fn msg_get_subject(stream: &str) -> String {
+    format!("$JS.API.STREAM.MSG.GET.{stream}")
 }
 
 /// Whether `subject` is a valid subject: dot-separated non-empty tokens of

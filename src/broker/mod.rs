@@ -13,6 +13,7 @@ mod core;
 mod cursor;
 mod durability;
 pub mod instance;
+mod panic;
 mod recovery;
 mod session;
 mod state;
@@ -127,6 +128,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     os::block_termination_signals()?;
     os::ignore_file_size_signal();
     let log = Arc::new(Logger::open(&config.log_file, config.log_level)?);
+    panic::install(Arc::clone(&log));
     log.info(format_args!(
         "starting broker pid {}: messages file {}, capacity {}, max message {} bytes, fsync {}",
         os::pid(),
