@@ -115,6 +115,8 @@ pub struct Totals {
     pub skipped: u64,
     /// The highest message id known to be in the stream.
     pub stored: u64,
+    /// The broker instance `stored` belongs to.
+    pub instance: String,
 }
 
 /// One cycle's conversation with both sides, apart from the sockets.
@@ -466,19 +468,20 @@ pub fn run(options: &ForwardOptions) -> i32 {
                 }
             })
     };
+    let mut totals = Totals::default();
     let status = match &signals {
-        Ok(_) => forward(options, &stop),
+        Ok(_) => forward(options, &stop, &mut totals),
         Err(err) => Err(format!("cannot start the signal thread: {err}")),
     };
     done.store(true, Ordering::Relaxed);
     if let Ok(handle) = signals {
         let _ = handle.join();
     }
-    let (totals, code) = match status {
-        Ok(totals) => (totals, 0),
+    let code = match status {
+        Ok(()) => 0,
         Err(why) => {
             eprintln!("consumer: {why}");
-            (Totals::default(), 1)
+            1
         }
     };
     summary(&totals, started.elapsed());
@@ -499,18 +502,16 @@ fn summary(totals: &Totals, elapsed: Duration) {
     );
 }
 
-/// Cycles until stopped (`Ok`, with the totals) or a permanent error.
-fn forward(options: &ForwardOptions, stop: &AtomicBool) -> Result<Totals, String> {
+/// Cycles until stopped (`Ok`) or a permanent error; `totals` keeps
+/// what was done either way, for the summary.
+fn forward(options: &ForwardOptions, stop: &AtomicBool, totals: &mut Totals) -> Result<(), String> {
     let auth = auth(options)?;
     let mut backoff = Backoff::new(options.retries);
-    let mut totals = Totals::default();
-    let mut first = true;
     while !stop.load(Ordering::Relaxed) {
-        let verdict = match cycle(options, &auth, stop, &mut totals, &mut backoff, first) {
-            Ok(()) => return Ok(totals),
+        let verdict = match cycle(options, &auth, stop, totals, &mut backoff) {
+            Ok(()) => return Ok(()),
             Err(verdict) => verdict,
         };
-        first = false;
         let why = match verdict {
             Verdict::Fatal(why) => return Err(why),
             Verdict::Reconnect(why) => why,
@@ -528,7 +529,7 @@ fn forward(options: &ForwardOptions, stop: &AtomicBool) -> Result<Totals, String
             std::thread::sleep(TICK.min(until.saturating_duration_since(Instant::now())));
         }
     }
-    Ok(totals)
+    Ok(())
 }
 
 /// The credentials: the token file wins over a user in the URL.
@@ -570,15 +571,12 @@ fn cycle(
     stop: &AtomicBool,
     totals: &mut Totals,
     backoff: &mut Backoff,
-    first: bool,
 ) -> Result<(), Verdict> {
     let (broker, instance) = BrokerWire::connect(options)?;
-    if first {
-        eprintln!(
-            "consumer: connected to the broker at {} as consumer {} (ack mode), broker instance {instance}",
-            options.endpoint, options.id
-        );
-    }
+    eprintln!(
+        "consumer: connected to the broker at {} as consumer {} (ack mode), broker instance {instance}",
+        options.endpoint, options.id
+    );
     let mut nats = NatsWire::connect(&options.nats, auth, &options.id)?;
     let inbox = format!("_INBOX.{}", random_hex());
     let mut sub = Vec::new();
@@ -586,11 +584,21 @@ fn cycle(
     nats.write(&sub)?;
     ensure_stream(&mut nats, options, &inbox)?;
     let last = last_stored(&mut nats, options, &inbox, &instance)?;
-    if last > totals.stored || first {
-        eprintln!(
-            "consumer: resuming after id {last} (the last message of ours on {} in stream {})",
-            options.subject, options.stream
-        );
+    eprintln!(
+        "consumer: resuming after id {last} (the last message of ours on {} in stream {})",
+        options.subject, options.stream
+    );
+    if totals.instance != instance {
+        // Another broker (its files replaced): its ids are its own, so
+        // what the last one stored says nothing about them.
+        if !totals.instance.is_empty() {
+            eprintln!(
+                "consumer: warning: the broker's instance changed from {} to {instance}",
+                totals.instance
+            );
+        }
+        totals.instance = instance.clone();
+        totals.stored = 0;
     }
     totals.stored = totals.stored.max(last);
     backoff.reset();
