@@ -34,6 +34,7 @@ pub mod pool;
 pub mod producer;
 pub mod protocol;
 pub mod queue;
+pub mod segments;
 pub mod store;
 #[allow(unsafe_code)]
 pub mod sys;
