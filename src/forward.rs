@@ -1224,10 +1224,33 @@ fn last_stored(
     query.push('}');
     let subject = nats::msg_get_subject(&options.stream);
     let reply = nats.request(&subject, query.as_bytes(), inbox)?;
+    match resume_point(&reply, instance)? {
+        Resume::After(id) => Ok(id),
+        Resume::Foreign(value) => {
+            eprintln!(
+                "consumer: warning: the last message on {} (Nats-Msg-Id '{value}') is not from this \
+                 broker (instance {instance}); one subject per broker: relying on the duplicate window alone",
+                options.subject
+            );
+            Ok(0)
+        }
+    }
+}
+
+/// Where to resume, from the answer to a `last_by_subj` read.
+#[derive(Debug, PartialEq, Eq)]
+enum Resume {
+    /// Everything of ours up to this id is in the stream (0: nothing yet).
+    After(u64),
+    /// The last message is not ours (this `Nats-Msg-Id`, maybe empty).
+    Foreign(String),
+}
+
+fn resume_point(reply: &Json, instance: &str) -> Result<Resume, Verdict> {
     if let Some(error) = reply.get("error") {
         // 10037: no message on that subject yet.
         if error.get("err_code").and_then(Json::as_u64) == Some(10037) {
-            return Ok(0);
+            return Ok(Resume::After(0));
         }
         return Err(api_error_verdict("read of the last message", error));
     }
@@ -1237,18 +1260,10 @@ fn last_stored(
         .and_then(|text| nats::base64_decode(text.as_bytes()))
         .unwrap_or_default();
     let value = nats::header_value(&headers, "Nats-Msg-Id").unwrap_or_default();
-    match own_message_id(value, instance) {
-        Some(id) => Ok(id),
-        None => {
-            eprintln!(
-                "consumer: warning: the last message on {} (Nats-Msg-Id '{}') is not from this broker \
-                 (instance {instance}); one subject per broker: relying on the duplicate window alone",
-                options.subject,
-                String::from_utf8_lossy(value)
-            );
-            Ok(0)
-        }
-    }
+    Ok(match own_message_id(value, instance) {
+        Some(id) => Resume::After(id),
+        None => Resume::Foreign(String::from_utf8_lossy(value).into_owned()),
+    })
 }
 
 #[cfg(test)]
@@ -1513,6 +1528,39 @@ mod tests {
         assert_eq!(broker(&mut p), "ACK:1\n", "no more GETs");
         lines(&mut p, &["ERROR:No messages available", "OK:ACK:1"]);
         assert!(p.settled());
+    }
+
+    #[test]
+    fn the_resume_point_comes_from_the_last_message_header() {
+        // "NATS/1.0\r\nNats-Msg-Id: ab12-42\r\n\r\n", and one from another broker.
+        let ours = r#"{"message":{"subject":"edge.a","seq":9,"hdrs":"TkFUUy8xLjANCk5hdHMtTXNnLUlkOiBhYjEyLTQyDQoNCg==","data":"eA=="}}"#;
+        let theirs = r#"{"message":{"subject":"edge.a","seq":9,"hdrs":"TkFUUy8xLjANCk5hdHMtTXNnLUlkOiBmZjAwLTQyDQoNCg=="}}"#;
+        let cases: [(&str, Result<Resume, bool>); 5] = [
+            (ours, Ok(Resume::After(42))),
+            (theirs, Ok(Resume::Foreign("ff00-42".into()))),
+            (
+                r#"{"message":{"subject":"edge.a","seq":9}}"#,
+                Ok(Resume::Foreign(String::new())),
+            ),
+            (
+                r#"{"error":{"code":404,"err_code":10037,"description":"no message found"}}"#,
+                Ok(Resume::After(0)),
+            ),
+            (
+                r#"{"error":{"code":404,"err_code":10059,"description":"stream not found"}}"#,
+                Err(true),
+            ),
+        ];
+        for (reply, want) in cases {
+            let got = resume_point(&Json::parse(reply.as_bytes()).unwrap(), "ab12");
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{reply}"),
+                (Err(verdict), Err(fatal)) => {
+                    assert_eq!(matches!(verdict, Verdict::Fatal(_)), fatal, "{reply}")
+                }
+                (got, want) => panic!("{reply}: {got:?}, wanted {want:?}"),
+            }
+        }
     }
 
     #[test]
