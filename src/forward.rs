@@ -74,6 +74,10 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// ...and the connection is taken for dead when this many go unanswered.
 pub const MAX_PINGS_OUT: u32 = 2;
+/// How long the oldest publish may wait for its PubAck while the server
+/// still answers PINGs (a stream without a leader, a stalled store)
+/// before the connection is dropped and the publishes retried.
+pub const PUBACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one JetStream API request (or the handshake) may take.
 pub const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// On SIGINT/SIGTERM: how long to wait for the PubAcks in flight, and then
@@ -682,6 +686,8 @@ struct Clocks {
     nats_heard: Instant,
     pinged: Instant,
     pings_out: u32,
+    /// The last PubAck, or when the window was last empty.
+    puback_heard: Instant,
     broker_heard: Instant,
     broker_sent: Instant,
     stop_by: Option<Instant>,
@@ -702,6 +708,7 @@ fn pump(
         nats_heard: now,
         pinged: now,
         pings_out: 0,
+        puback_heard: now,
         broker_heard: now,
         broker_sent: now,
         stop_by: None,
@@ -796,7 +803,10 @@ fn handle(
             clocks.pings_out = 0;
             for op in ops {
                 match op {
-                    Op::Msg(msg) => verdict(pipeline.on_puback(&msg))?,
+                    Op::Msg(msg) => {
+                        clocks.puback_heard = clocks.nats_heard;
+                        verdict(pipeline.on_puback(&msg))?
+                    }
                     Op::Ping => to_nats.extend_from_slice(b"PONG\r\n"),
                     Op::Err(text) => verdict(server_error_verdict(&text))?,
                     Op::Info(_) | Op::Pong | Op::Ok => {}
@@ -828,6 +838,14 @@ fn timers(
         to_nats.extend_from_slice(b"PING\r\n");
         clocks.pings_out += 1;
         clocks.pinged = now;
+    }
+    if pipeline.publishes_in_flight() == 0 {
+        clocks.puback_heard = now;
+    } else if now.duration_since(clocks.puback_heard) >= PUBACK_TIMEOUT {
+        return Err(Verdict::Reconnect(format!(
+            "no PubAck from JetStream in {} s",
+            PUBACK_TIMEOUT.as_secs()
+        )));
     }
     if pipeline.broker_replies_due()
         && now.duration_since(clocks.broker_heard) >= client::REPLY_TIMEOUT
