@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -61,6 +61,17 @@ pub struct BrokerConfig {
     pub log_file: PathBuf,
     pub log_level: Level,
     pub repair: bool,
+    /// `--auth-token-file`: where the token is (read by the binary).
+    pub auth_token_file: Option<PathBuf>,
+    /// The token read from it: connections must send `AUTH:<token>` first.
+    pub auth_token: Option<crate::broker::auth::Token>,
+    /// Without a token, serve loopback peers only (off with
+    /// `--no-protected-mode`).
+    pub protected_mode: bool,
+    /// `--http ADDR`: where `/metrics` and `/healthz` are served.
+    pub http: Option<SocketAddr>,
+    /// `--inspect`: print the live queue under the keys, then exit.
+    pub inspect: bool,
 }
 
 impl BrokerConfig {
@@ -85,6 +96,11 @@ impl BrokerConfig {
             log_file: PathBuf::from("cola_mensajes.log"),
             log_level: Level::Info,
             repair: false,
+            auth_token_file: None,
+            auth_token: None,
+            protected_mode: true,
+            http: None,
+            inspect: false,
         }
     }
 
@@ -104,6 +120,7 @@ pub const MAX_CLIENTS: u64 = 4096;
 
 pub const BROKER_USAGE: &str = "\
 usage: broker [OPTIONS] <messages_file>
+       broker --inspect [--shm-key K] [--sem-key K]
 
 Single-host message broker: a queue in SysV shared memory, persisted to
 <messages_file> (offsets in <messages_file>.offsets), served over TCP.
@@ -126,6 +143,12 @@ options:
       --log-file PATH     operations log                      [cola_mensajes.log]
       --log-level L       error, warn, info or debug          [info]
       --repair            start from a damaged messages file, keeping its valid records
+      --auth-token-file F require AUTH:<token> first; the token is F's first line
+                          (16 bytes or more; F must not be readable by group/others)
+      --no-protected-mode without a token, serve other hosts too (default: loopback only)
+      --http ADDR         serve GET /metrics and /healthz on ADDR (e.g. 127.0.0.1:9100) [off]
+      --inspect           print the live queue under --shm-key/--sem-key, then exit
+                          (no <messages_file> needed)
   -h, --help              print this help
   -V, --version           print the version
 ";
@@ -192,11 +215,25 @@ pub fn parse_broker_args(
                 })?;
             }
             Long("repair") => config.repair = true,
+            Long("auth-token-file") => config.auth_token_file = Some(parser.value()?.into()),
+            Long("no-protected-mode") => config.protected_mode = false,
+            Long("http") => {
+                let text = string(&mut parser, "--http")?;
+                config.http = Some(text.parse().map_err(|_| {
+                    UsageError(format!(
+                        "invalid value '{text}' for --http: expected IP:PORT, e.g. 127.0.0.1:9100"
+                    ))
+                })?);
+            }
+            Long("inspect") => config.inspect = true,
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             Value(value) if file.is_none() => file = Some(value.into()),
             _ => return Err(arg.unexpected().into()),
         }
+    }
+    if config.inspect && file.is_none() {
+        return Ok(Parsed::Run(config));
     }
     let Some(file) = file else {
         return Err(UsageError("missing <messages_file>".to_string()));

@@ -8,6 +8,7 @@
 //! pushes left pending); one backs the queue's memory once it is first
 //! used. Every thread is joined before [`run`] returns.
 
+pub mod auth;
 mod core;
 mod cursor;
 mod recovery;
@@ -29,6 +30,7 @@ use crate::protocol::ErrorCode;
 use crate::queue::{MAX_SEND_WAIT, Ring};
 use crate::store::FsyncPolicy;
 use crate::sys::os;
+use crate::sys::service::{self, Signal};
 
 /// Stack of a pool worker: its frames are small and buffers live on the
 /// heap, so a small stack keeps 100 idle workers cheap.
@@ -53,6 +55,8 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     /// Connections accepted and not yet finished (queued or served).
     pub(crate) active: AtomicUsize,
+    /// Token and protected mode (see [`auth`]).
+    pub(crate) access: auth::Access,
 }
 
 /// Why the broker did not start (exit status 1).
@@ -87,7 +91,8 @@ impl From<String> for StartError {
 /// stdout once it accepts connections.
 pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     // First, before any thread exists, so that every thread inherits it.
-    os::block_termination_signals()?;
+    // SIGHUP, SIGUSR1 and SIGUSR2 too: blocked, they cannot kill it.
+    service::block_service_signals()?;
     os::ignore_file_size_signal();
     let log = Arc::new(Logger::open(&config.log_file, config.log_level)?);
     log.info(format_args!(
@@ -158,7 +163,9 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     // The offsets file now matches what recovery decided (clamped cursors,
     // a repaired file), before anyone is served.
     core.save_offsets(true)?;
+    let access = auth::Access::new(config.auth_token.clone(), config.protected_mode);
     let shared = Arc::new(Shared {
+        access,
         core,
         config,
         conns: Mutex::new(HashMap::new()),
@@ -306,7 +313,7 @@ fn accept_loop(shared: &Shared, listener: &TcpListener, pool: &Pool<(TcpStream, 
     let next_id = AtomicU64::new(1);
     let max_clients = shared.config.max_clients;
     loop {
-        let (stream, _) = match listener.accept() {
+        let (stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(err) => {
                 if shared.shutting_down.load(Ordering::Acquire) {
@@ -321,6 +328,13 @@ fn accept_loop(shared: &Shared, listener: &TcpListener, pool: &Pool<(TcpStream, 
         if shared.shutting_down.load(Ordering::Acquire) {
             refuse(&stream, ErrorCode::ShuttingDown);
             return;
+        }
+        if let auth::Admission::Refuse(first) = shared.access.admit(peer.ip()) {
+            if let Some(text) = first {
+                shared.core.log.warn(format_args!("{text}"));
+            }
+            refuse(&stream, ErrorCode::AuthenticationFailed);
+            continue;
         }
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -408,14 +422,44 @@ fn spawn_signal_thread(
         .stack_size(64 * 1024)
         .spawn(move || {
             while !stop.is_stopped() {
-                if let Some(signal) = os::wait_termination(Duration::from_millis(200)) {
-                    shared.core.log.info(format_args!("received {signal}"));
-                    shared.shutting_down.store(true, Ordering::Release);
-                    let _ = os::shutdown(&listener);
-                    return;
+                match service::wait_signal(Duration::from_millis(200)) {
+                    Some(Signal::Stop(name)) => {
+                        shared.core.log.info(format_args!("received {name}"));
+                        shared.shutting_down.store(true, Ordering::Release);
+                        let _ = os::shutdown(&listener);
+                        return;
+                    }
+                    Some(other) => on_service_signal(&shared, other),
+                    None => {}
                 }
             }
         })
+}
+
+/// SIGHUP, SIGUSR1, SIGUSR2: never fatal, each logged.
+fn on_service_signal(shared: &Shared, signal: Signal) {
+    let log = &shared.core.log;
+    match signal {
+        Signal::Hangup => match log.reopen() {
+            // Written to the new file: where the rotated log continues.
+            Ok(Some(path)) => log.info(format_args!(
+                "received SIGHUP: log file {} reopened",
+                path.display()
+            )),
+            Ok(None) => log.info(format_args!("received SIGHUP: no log file to reopen")),
+            Err(err) => log.error(format_args!(
+                "received SIGHUP: {err}; still writing to the old log file"
+            )),
+        },
+        Signal::User1 => {
+            let mut line = Vec::new();
+            shared.core.stats_line(&mut line);
+            let text = String::from_utf8_lossy(&line);
+            log.info(format_args!("received SIGUSR1: {}", text.trim_end()));
+        }
+        Signal::User2 => log.info(format_args!("received SIGUSR2: ignored")),
+        Signal::Stop(_) => {}
+    }
 }
 
 fn spawn_housekeeping(

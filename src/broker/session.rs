@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::Shared;
+use super::auth::Gate;
 use super::core::{Conn, Writer, lock};
 use crate::protocol::{self, ErrorCode, Line, LineReader, Request};
 use crate::sys::os;
@@ -84,6 +85,7 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
         reader: LineReader::new(shared.config.max_line(), READ_BUFFER),
         lines: Vec::new(),
         out: Vec::with_capacity(4096),
+        authenticated: false,
     };
     let end = session.run(stream);
     session.finish(&end);
@@ -124,6 +126,8 @@ struct Session<'a> {
     reader: LineReader,
     lines: Vec<Line>,
     out: Vec<u8>,
+    /// The first line passed the token gate (see [`super::auth`]).
+    authenticated: bool,
 }
 
 impl Session<'_> {
@@ -228,6 +232,32 @@ impl Session<'_> {
         result
     }
 
+    /// The token gate on the connection's first line: `None` to handle
+    /// the line as usual (no token is set), else what to do after the
+    /// reply it wrote.
+    fn authenticate(&mut self, line: &Line) -> Option<Flow> {
+        let first = match line {
+            Line::Complete(range) => Some(self.reader.bytes(range.clone())),
+            Line::TooLong => None,
+        };
+        self.authenticated = true;
+        match self.shared.access.gate(first) {
+            Gate::Open => None,
+            Gate::Accepted => {
+                self.out.extend_from_slice(b"OK:AUTH\n");
+                Some(Flow::Continue)
+            }
+            Gate::Rejected => {
+                ErrorCode::AuthenticationFailed.write_line(&mut self.out);
+                self.shared.core.log.info(format_args!(
+                    "connection {}: authentication failed",
+                    self.conn.id
+                ));
+                Some(Flow::Close)
+            }
+        }
+    }
+
     fn handle(&mut self, lines: &[Line], writer: &mut Writer<'_>) -> Flow {
         let max_msg_size = self.shared.config.max_msg_size;
         let max_run = (MAX_RUN_BYTES / (max_msg_size + 32)).max(1);
@@ -237,6 +267,16 @@ impl Session<'_> {
         while i < lines.len() {
             if self.out.len() >= OUT_FLUSH && self.flush(writer).is_err() {
                 return Flow::Close;
+            }
+            if !self.authenticated {
+                match self.authenticate(&lines[i]) {
+                    Some(Flow::Close) => return Flow::Close,
+                    Some(Flow::Continue) => {
+                        i += 1;
+                        continue;
+                    }
+                    None => {}
+                }
             }
             let range = match &lines[i] {
                 Line::TooLong => {
@@ -356,7 +396,14 @@ fn handle_one(
         }
         Request::Heartbeat => out.extend_from_slice(b"OK:HEARTBEAT\n"),
         Request::Stats => core.stats_line(out),
-        Request::Auth(_) => out.extend_from_slice(b"OK:AUTH\n"),
+        Request::Auth(given) => {
+            // A later AUTH is checked like the first; a wrong one closes.
+            if !shared.access.check(given) {
+                ErrorCode::AuthenticationFailed.write_line(out);
+                return Flow::Close;
+            }
+            out.extend_from_slice(b"OK:AUTH\n");
+        }
         Request::Quit => {
             out.extend_from_slice(b"OK:BYE\n");
             return Flow::Close;

@@ -1,6 +1,6 @@
 //! The only place in the crate that talks to the kernel through raw libc:
 //! SysV shared memory ([`shm`]), SysV semaphores ([`sem`]), and the few
-//! socket and signal calls std does not offer ([`os`]).
+//! socket and signal calls std does not offer ([`os`], [`service`]).
 //!
 //! Every `unsafe` block of the crate lives below this module, each under a
 //! `// SAFETY:` comment saying what was checked. The wrappers are safe to
@@ -12,6 +12,7 @@
 
 pub mod os;
 pub mod sem;
+pub mod service;
 pub mod shm;
 
 use std::io;

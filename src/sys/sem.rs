@@ -194,3 +194,36 @@ impl SemaphoreSet {
         remove(self.id)
     }
 }
+
+/// Opens the existing set with `key` without creating it, for looking at
+/// a live broker's semaphores (`broker --inspect`); `Ok(None)` if no set
+/// has that key. Removing it is the caller's business (never done by
+/// `--inspect`).
+pub fn open_existing(key: i32) -> io::Result<Option<SemaphoreSet>> {
+    let id = match inspect(key)? {
+        Existing::None => return Ok(None),
+        Existing::Orphan { id } | Existing::InUse { id, .. } => id,
+    };
+    // SAFETY: semid_ds is plain old data; all-zero is a valid value.
+    let mut ds: libc::semid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: IPC_STAT writes one semid_ds through the `buf` member of the
+    // C union semun, passed here as a pointer to `ds`, which outlives it.
+    let ret = unsafe { libc::semctl(id, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds) };
+    cvt(ret, || format!("semctl(id={id}, 0, IPC_STAT)"))?;
+    Ok(Some(SemaphoreSet {
+        id,
+        key,
+        count: ds.sem_nsems as usize,
+    }))
+}
+
+impl SemaphoreSet {
+    /// How many semaphores the set has.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}

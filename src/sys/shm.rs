@@ -225,3 +225,82 @@ impl Drop for Segment {
         }
     }
 }
+
+/// A segment attached read-only (`SHM_RDONLY`), for looking at a live
+/// broker's queue (`broker --inspect`). It can only copy bytes out: the
+/// kernel faults any write through this mapping, and this type offers
+/// none.
+#[derive(Debug)]
+pub struct ReadOnlySegment {
+    pub id: i32,
+    /// Processes attached, this one included.
+    pub attached: u64,
+    pub creator_pid: i32,
+    ptr: *const u8,
+    len: usize,
+}
+
+/// Attaches the segment with `key` read-only; `Ok(None)` if no segment
+/// has that key.
+pub fn attach_read_only(key: i32) -> io::Result<Option<ReadOnlySegment>> {
+    let id = match inspect(key)? {
+        Existing::None => return Ok(None),
+        Existing::Orphan { id } | Existing::InUse { id, .. } => id,
+    };
+    // SAFETY: a null address lets the kernel choose; SHM_RDONLY maps the
+    // segment without write permission.
+    let ptr = unsafe { libc::shmat(id, std::ptr::null(), libc::SHM_RDONLY) };
+    if ptr as isize == -1 {
+        return Err(annotate(
+            io::Error::last_os_error(),
+            format!("shmat(id={id}, SHM_RDONLY)"),
+        ));
+    }
+    // SAFETY: shmid_ds is plain old data; all-zero is a valid value.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: `ds` is a valid, writable shmid_ds for IPC_STAT to fill.
+    let stat = cvt(unsafe { libc::shmctl(id, libc::IPC_STAT, &mut ds) }, || {
+        format!("shmctl(id={id}, IPC_STAT)")
+    });
+    let segment = ReadOnlySegment {
+        id,
+        attached: ds.shm_nattch as u64,
+        creator_pid: ds.shm_cpid,
+        ptr: ptr.cast::<u8>(),
+        len: ds.shm_segsz,
+    };
+    // On a failed IPC_STAT, `segment` is dropped here and detaches.
+    stat.map(|_| Some(segment))
+}
+
+impl ReadOnlySegment {
+    /// Size in bytes, as the kernel reports it.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies the whole segment out, in one `memcpy`: the caller holds the
+    /// owner's lock for as short a time as that takes.
+    pub fn copy_all(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.len];
+        // SAFETY: the mapping is `len` bytes long (the kernel's size of the
+        // segment, which cannot shrink while attached) and readable;
+        // `out` is a distinct buffer of exactly that length.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr, out.as_mut_ptr(), self.len) }
+        out
+    }
+}
+
+impl Drop for ReadOnlySegment {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from a successful shmat and is detached only
+        // here, once; an error is ignored because Drop must not panic.
+        unsafe {
+            libc::shmdt(self.ptr.cast::<libc::c_void>());
+        }
+    }
+}
