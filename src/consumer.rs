@@ -721,6 +721,7 @@ mod tests {
             endpoint: Endpoint {
                 host: "localhost".into(),
                 port: 1,
+                token: None,
             },
             id: Some("t".into()),
             count,

@@ -27,6 +27,7 @@ pub mod config;
 pub mod consumer;
 pub mod inspect;
 pub mod log;
+pub mod notify;
 pub mod pool;
 pub mod producer;
 pub mod protocol;

@@ -34,6 +34,8 @@ options:
       --retries N         reconnection attempts before giving up   [no limit]
       --heartbeat S       heartbeat after S idle seconds           [20]
                           (keep it well under the broker's --idle-timeout)
+      --token-file FILE   send AUTH with the token in FILE's first line first
+                          (the broker's --auth-token-file)  [$BROKER_TOKEN_FILE]
   -h, --help              print this help
   -V, --version           print the version
 ";
@@ -46,6 +48,7 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
         endpoint: Endpoint {
             host: String::new(),
             port: 0,
+            token: None,
         },
         id: None,
         count: None,
@@ -104,7 +107,8 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
         ));
     }
     options.endpoint =
-        Endpoint::resolve(common.host, common.port, Some(("SERVER_IP", "SERVER_PORT")))?;
+        Endpoint::resolve(common.host, common.port, Some(("SERVER_IP", "SERVER_PORT")))?
+            .with_token_file(common.token_file)?;
     options.retries = common.retries;
     options.heartbeat = common.heartbeat;
     Ok(Some(options))

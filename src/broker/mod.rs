@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use self::core::{Conn, Core, CoreConfig, lock};
 use crate::config::BrokerConfig;
 use crate::log::Logger;
+use crate::notify::Notifier;
 use crate::pool::Pool;
 use crate::protocol::ErrorCode;
 use crate::queue::{MAX_SEND_WAIT, Ring};
@@ -103,15 +104,33 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         config.max_msg_size,
         config.fsync.name()
     ));
-    let result = start_and_serve(config, &log);
-    if let Err(err) = &result {
-        // The binary prints it on stderr; the log keeps a copy.
-        log.file_only(crate::log::Level::Error, format_args!("{err}"));
-    }
+    let notifier = Notifier::from_env();
+    let result = start_and_serve(config, &log, &notifier);
+    let status = match &result {
+        Ok(()) => "stopped cleanly".to_string(),
+        Err(err) => {
+            // The binary prints it on stderr; the log keeps a copy.
+            log.file_only(crate::log::Level::Error, format_args!("{err}"));
+            format!("failed: {err}")
+        }
+    };
+    notify(&log, notifier.status(&status));
     result
 }
 
-fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartError> {
+/// Logs a failed notification to the service manager (at most a warning:
+/// the broker serves on without it).
+fn notify(log: &Logger, sent: std::io::Result<()>) {
+    if let Err(err) = sent {
+        log.warn(format_args!("NOTIFY_SOCKET: {err}"));
+    }
+}
+
+fn start_and_serve(
+    config: BrokerConfig,
+    log: &Arc<Logger>,
+    notifier: &Notifier,
+) -> Result<(), StartError> {
     // One broker per messages file: recovery may cut the file, so take its
     // lock before reading it, and refuse keys in use before touching
     // anything.
@@ -206,6 +225,7 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening on {address}");
     let _ = stdout.flush();
+    notify(log, notifier.ready(&format!("listening on {address}")));
 
     accept_loop(&shared, &listener, &pool);
 
@@ -214,10 +234,12 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     // "ERROR:Shutting down" and leaves.
     shared.shutting_down.store(true, Ordering::Release);
     drop(listener);
-    log.info(format_args!(
-        "shutting down: {} connection(s) open",
-        shared.active.load(Ordering::Acquire)
-    ));
+    let open = shared.active.load(Ordering::Acquire);
+    log.info(format_args!("shutting down: {open} connection(s) open"));
+    notify(
+        log,
+        notifier.stopping(&format!("shutting down: {open} connection(s) open")),
+    );
     for conn in lock(&shared.conns).values() {
         let _ = os::shutdown_read(&conn.stream);
     }

@@ -11,4 +11,6 @@ mod broker_limits;
 mod broker_persistence;
 mod broker_protocol;
 mod clients;
+mod ops_access;
+mod ops_service;
 mod torture;
