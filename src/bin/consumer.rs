@@ -23,8 +23,15 @@ options:
       --ack               acknowledge each message once printed and flushed;
                           what is not acknowledged (the consumer was killed)
                           is delivered again to ID: at least once, so
-                          'consumer --id ID --ack | program' loses nothing.
-                          Needs --id; an id keeps the mode it was created in
+                          'consumer --id ID --ack | program' loses nothing
+                          the consumer had not written to the pipe.
+                          Needs --id; an id keeps the mode it was created in.
+                          Through a pipe this protects what reached the pipe,
+                          not what the program finished: use --exec for that
+      --exec CMD          run 'sh -c CMD' per message, one at a time, content
+                          on its stdin, $MSG_ID in its environment; with --ack
+                          only a message whose CMD exits 0 is acknowledged
+                          (a failure is logged and redelivered after the ack wait)
   -c, --count N           exit after N distinct messages printed
   -t, --timeout S         exit after S seconds without a message
   -v, --verbose           print '<id><TAB><content>' and a final count
@@ -58,6 +65,7 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
         retries: None,
         heartbeat: Default::default(),
         ack: false,
+        exec: None,
     };
     while let Some(arg) = parser.next()? {
         match arg {
@@ -86,6 +94,7 @@ fn parse() -> Result<Option<ConsumerOptions>, UsageError> {
                 )?))
             }
             Long("ack") => options.ack = true,
+            Long("exec") => options.exec = Some(string(&mut parser, "--exec")?),
             Short('v') | Long("verbose") => options.verbose = true,
             Short('w') | Long("window") => {
                 options.window = number(&mut parser, "--window", 1, 4096)?

@@ -12,5 +12,6 @@ mod broker_persistence;
 mod broker_protocol;
 mod clients;
 mod ops_access;
+mod ops_consumer;
 mod ops_service;
 mod torture;
