@@ -11,6 +11,7 @@
 pub mod auth;
 mod core;
 mod cursor;
+mod http;
 mod recovery;
 mod session;
 
@@ -192,6 +193,13 @@ fn start_and_serve(
         active: AtomicUsize::new(0),
     });
 
+    // Before the pool exists, so a --http address in use stops the start
+    // with nothing to wind down.
+    let http = match shared.config.http {
+        Some(address) => Some(http::HttpServer::start(&shared, address)?),
+        None => None,
+    };
+
     let max_clients = shared.config.max_clients;
     let worker_shared = Arc::clone(&shared);
     let panic_shared = Arc::clone(&shared);
@@ -224,6 +232,10 @@ fn start_and_serve(
     ));
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening on {address}");
+    if let Some(http) = &http {
+        log.info(format_args!("http listening on {}", http.address));
+        let _ = writeln!(stdout, "http listening on {}", http.address);
+    }
     let _ = stdout.flush();
     notify(log, notifier.ready(&format!("listening on {address}")));
 
@@ -251,6 +263,9 @@ fn start_and_serve(
         wait_for_idle(&shared, WRITE_TIMEOUT);
     }
     pool.shutdown();
+    if let Some(http) = http {
+        http.stop();
+    }
     stop.stop();
     let _ = signals.join();
     let _ = housekeeping.join();

@@ -13,5 +13,6 @@ mod broker_protocol;
 mod clients;
 mod ops_access;
 mod ops_consumer;
+mod ops_http;
 mod ops_service;
 mod torture;
