@@ -14,5 +14,6 @@ mod clients;
 mod ops_access;
 mod ops_consumer;
 mod ops_http;
+mod ops_inspect;
 mod ops_service;
 mod torture;
