@@ -154,3 +154,61 @@ fn man_pages_document_every_option_of_help() {
         }
     }
 }
+
+#[test]
+fn build_sh_installs_over_a_running_broker() {
+    let dir = TestDir::new("install");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built = bin("broker");
+    let from = built.parent().unwrap();
+    let to = dir.join("bin");
+    let install = || {
+        std::process::Command::new(root.join("build.sh"))
+            .arg("install")
+            .arg(from)
+            .arg(&to)
+            .output()
+            .unwrap()
+    };
+    let first = install();
+    assert!(first.status.success(), "{}", show(&first));
+    // A broker running from bin/, then a rebuild installs over it.
+    let keys = fresh_keys();
+    let child = std::process::Command::new(to.join("broker"))
+        .args(["--port", "0", "--bind", "127.0.0.1"])
+        .args(["--shm-key", &keys.0.to_string(), "--sem-key", &keys.1.to_string()])
+        .arg("--log-file")
+        .arg(dir.join("broker.log"))
+        .arg(dir.join("messages.dat"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard { child, keys };
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(guard.child.stdout.as_mut().unwrap()),
+        &mut first_line,
+    )
+    .unwrap();
+    assert!(first_line.starts_with("listening on"), "{first_line:?}");
+    let second = install();
+    assert!(second.status.success(), "{}", show(&second));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!stderr.contains("Text file busy"), "{stderr}");
+    // The running broker is unharmed; no temporary file is left.
+    assert_eq!(guard.child.try_wait().unwrap(), None);
+    let left: Vec<_> = std::fs::read_dir(&to)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut sorted = left.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["broker", "consumer", "producer"], "{left:?}");
+    let version = std::process::Command::new(to.join("broker")).arg("-V").output().unwrap();
+    assert!(version.status.success());
+    mensajeria::sys::os::request_stop(guard.child.id(), false).unwrap();
+    let status = wait_child(&mut guard.child, WAIT).expect("stops");
+    assert!(status.success(), "{status}");
+}
