@@ -20,14 +20,12 @@ then prints each message's content on stdout, one per line.
 
 options:
       --id ID             consumer id to resume (1-64 of A-Z a-z 0-9 . _ -)
-      --ack               acknowledge each message once printed and flushed;
-                          what is not acknowledged (the consumer was killed)
-                          is delivered again to ID: at least once, so
-                          'consumer --id ID --ack | program' loses nothing
-                          the consumer had not written to the pipe.
+      --ack               acknowledge each message once written to stdout and
+                          flushed; what is not acknowledged (the consumer was
+                          killed first) is delivered again to ID: at least once.
                           Needs --id; an id keeps the mode it was created in.
                           Through a pipe this protects what reached the pipe,
-                          not what the program finished: use --exec for that
+                          not what the program behind it finished: use --exec
       --exec CMD          run 'sh -c CMD' per message, one at a time, content
                           on its stdin, $MSG_ID in its environment; with --ack
                           only a message whose CMD exits 0 is acknowledged
