@@ -101,7 +101,8 @@ impl Endpoint {
             },
         };
         // The broker insists on a private file; a client only reads it.
-        let token = Token::load(&file, false).map_err(|err| UsageError(format!("{source}: {err}")))?;
+        let token =
+            Token::load(&file, false).map_err(|err| UsageError(format!("{source}: {err}")))?;
         self.token = Some(token);
         Ok(self)
     }

@@ -63,7 +63,14 @@ mod tests {
 
     #[test]
     fn content_on_stdin_id_in_env_status_decides() {
-        assert_eq!(run("test \"$(cat)\" = 'a:b c' && test \"$MSG_ID\" = 7", 7, b"a:b c"), Ok(()));
+        assert_eq!(
+            run(
+                "test \"$(cat)\" = 'a:b c' && test \"$MSG_ID\" = 7",
+                7,
+                b"a:b c"
+            ),
+            Ok(())
+        );
         assert_eq!(run("exit 3", 1, b"x"), Err("exit status 3".into()));
         assert_eq!(run("kill -9 $$", 1, b""), Err("killed by signal 9".into()));
         // Not reading stdin is fine; a large message does not deadlock.

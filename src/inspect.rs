@@ -50,9 +50,8 @@ pub fn run(shm_key: i32, sem_key: i32) -> Result<String, String> {
                  (see ipcs -m; give the running broker's --shm-key and --sem-key)"
             )
         })?;
-    let set = sem::open_existing(sem_key).map_err(|err| {
-        format!("cannot open the semaphore set with key 0x{sem_key:x}: {err}")
-    })?;
+    let set = sem::open_existing(sem_key)
+        .map_err(|err| format!("cannot open the semaphore set with key 0x{sem_key:x}: {err}"))?;
     let mut sems = Semaphores {
         key: sem_key,
         id: set.as_ref().map(|set| set.id()),
@@ -86,7 +85,9 @@ fn copy_under_mutex(
         flags: UNDO,
     };
     let give = Op { delta: 1, ..take };
-    let locked = set.apply(&[take], Some(LOCK_WAIT)).map_err(|e| e.to_string())?;
+    let locked = set
+        .apply(&[take], Some(LOCK_WAIT))
+        .map_err(|e| e.to_string())?;
     let copy = segment.copy_all();
     let counts = (value(1), value(2));
     if locked {
@@ -107,9 +108,7 @@ fn u64_at(copy: &[u8], at: usize) -> Option<u64> {
 /// of the segment.
 pub fn describe(copy: &[u8], sems: &Semaphores) -> String {
     let mut out = String::new();
-    let header: Vec<u64> = (0..8)
-        .map(|i| u64_at(copy, i * 8).unwrap_or(0))
-        .collect();
+    let header: Vec<u64> = (0..8).map(|i| u64_at(copy, i * 8).unwrap_or(0)).collect();
     let [magic, version, slots, slot_size, max_msg, head, next, owner] = header[..] else {
         unreachable!("eight fields")
     };
@@ -118,7 +117,11 @@ pub fn describe(copy: &[u8], sems: &Semaphores) -> String {
         out,
         "header: magic \"{magic_text}\" ({}), layout version {version}, slots {slots}, slot size {slot_size} bytes, \
          max message {max_msg} bytes, owner pid {owner}",
-        if magic == MAGIC { "a mensajeria queue" } else { "NOT a mensajeria queue" }
+        if magic == MAGIC {
+            "a mensajeria queue"
+        } else {
+            "NOT a mensajeria queue"
+        }
     );
     describe_semaphores(&mut out, sems);
     if copy.len() < HEADER_SIZE || magic != MAGIC || version != LAYOUT_VERSION {
@@ -255,7 +258,16 @@ mod tests {
         let slot = crate::queue::slot_size(max);
         let mut copy = vec![0u8; HEADER_SIZE + slot * slots as usize];
         let next = head + contents.len() as u64;
-        let fields = [MAGIC, LAYOUT_VERSION, slots, slot as u64, max as u64, head, next, 42];
+        let fields = [
+            MAGIC,
+            LAYOUT_VERSION,
+            slots,
+            slot as u64,
+            max as u64,
+            head,
+            next,
+            42,
+        ];
         for (i, v) in fields.iter().enumerate() {
             copy[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
         }
@@ -324,6 +336,9 @@ mod tests {
         let many: Vec<&[u8]> = (0..8).map(|_| &long[..]).collect();
         let text = describe(&segment(8, 64, 1, &many), &sems());
         assert_eq!(text.matches("...").count(), NEWEST as usize, "{text}");
-        assert!(text.contains("       8  ") && !text.contains("       3  "), "{text}");
+        assert!(
+            text.contains("       8  ") && !text.contains("       3  "),
+            "{text}"
+        );
     }
 }

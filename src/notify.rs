@@ -108,7 +108,9 @@ mod tests {
         );
         assert_eq!(
             parse_target("@/org/freedesktop/systemd1/notify/123"),
-            Some(Target::Abstract(b"/org/freedesktop/systemd1/notify/123".to_vec()))
+            Some(Target::Abstract(
+                b"/org/freedesktop/systemd1/notify/123".to_vec()
+            ))
         );
         for bad in ["", "@", "relative/path", "vsock:2:1234"] {
             assert_eq!(parse_target(bad), None, "{bad:?}");
@@ -132,7 +134,10 @@ mod tests {
         let mut buf = [0u8; 256];
         let n = server.recv(&mut buf).unwrap();
         let text = String::from_utf8_lossy(&buf[..n]);
-        assert!(text.starts_with("READY=1\nSTATUS=listening on 127.0.0.1:1\nMAINPID="), "{text}");
+        assert!(
+            text.starts_with("READY=1\nSTATUS=listening on 127.0.0.1:1\nMAINPID="),
+            "{text}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
         assert!(Notifier { target: None }.send("READY=1").is_ok());
     }

@@ -222,7 +222,10 @@ mod tests {
     #[test]
     fn token_files() {
         assert_eq!(token("0123456789abcdef\n").bytes(), b"0123456789abcdef");
-        assert_eq!(token("0123456789abcdef\r\nrest").bytes(), b"0123456789abcdef");
+        assert_eq!(
+            token("0123456789abcdef\r\nrest").bytes(),
+            b"0123456789abcdef"
+        );
         assert_eq!(token("0123456789abcdef").bytes(), b"0123456789abcdef");
         for bad in ["", "\n", "short\n", "0123456789abcde\n"] {
             assert!(parse_token(bad.as_bytes()).is_err(), "{bad:?}");
@@ -245,7 +248,11 @@ mod tests {
             (b"\0\0\0", b"\0\0", false),
             (b"\0\0", b"\0\0\0", false),
         ] {
-            assert_eq!(tokens_equal(given, expected), equal, "{given:?} {expected:?}");
+            assert_eq!(
+                tokens_equal(given, expected),
+                equal,
+                "{given:?} {expected:?}"
+            );
         }
     }
 
@@ -291,13 +298,26 @@ mod tests {
     #[test]
     fn the_first_line_must_be_the_token() {
         let secret = token("0123456789abcdef");
-        let cases: [(Option<&Token>, Option<&[u8]>, Gate); 9] = [
+        type Case<'a> = (Option<&'a Token>, Option<&'a [u8]>, Gate);
+        let cases: [Case; 9] = [
             (None, Some(b"STATS"), Gate::Open),
             (None, Some(b"AUTH:whatever"), Gate::Open),
             (None, None, Gate::Open),
-            (Some(&secret), Some(b"AUTH:0123456789abcdef"), Gate::Accepted),
-            (Some(&secret), Some(b"AUTH:0123456789abcdeF"), Gate::Rejected),
-            (Some(&secret), Some(b"AUTH:0123456789abcdef "), Gate::Rejected),
+            (
+                Some(&secret),
+                Some(b"AUTH:0123456789abcdef"),
+                Gate::Accepted,
+            ),
+            (
+                Some(&secret),
+                Some(b"AUTH:0123456789abcdeF"),
+                Gate::Rejected,
+            ),
+            (
+                Some(&secret),
+                Some(b"AUTH:0123456789abcdef "),
+                Gate::Rejected,
+            ),
             (Some(&secret), Some(b"STATS"), Gate::Rejected),
             (Some(&secret), Some(b"REGISTER:PRODUCER"), Gate::Rejected),
             (Some(&secret), None, Gate::Rejected),

@@ -36,12 +36,27 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const COUNTERS: [(&str, &str); 8] = [
     ("stored", "Messages stored since start"),
     ("delivered", "Messages delivered to consumers since start"),
-    ("queue_full", "SENDs refused with ERROR:Queue full since start"),
-    ("persistence_failures", "SENDs refused with ERROR:Persistence failure since start"),
+    (
+        "queue_full",
+        "SENDs refused with ERROR:Queue full since start",
+    ),
+    (
+        "persistence_failures",
+        "SENDs refused with ERROR:Persistence failure since start",
+    ),
     ("acked", "Acknowledgements accepted since start"),
-    ("redelivered", "Messages delivered again after an ack wait or a lost connection"),
-    ("refused_full", "Connections refused with ERROR:Server is full since start"),
-    ("idle_drops", "Connections closed with ERROR:Idle timeout since start"),
+    (
+        "redelivered",
+        "Messages delivered again after an ack wait or a lost connection",
+    ),
+    (
+        "refused_full",
+        "Connections refused with ERROR:Server is full since start",
+    ),
+    (
+        "idle_drops",
+        "Connections closed with ERROR:Idle timeout since start",
+    ),
 ];
 
 /// Help for the gauges we know; any other numeric field is a gauge too.
@@ -53,7 +68,10 @@ const GAUGES: [(&str, &str); 10] = [
     ("producers", "Connections registered as producers"),
     ("consumers", "Connections registered as consumers"),
     ("cursors", "Consumer ids known (cursors kept)"),
-    ("in_flight", "Messages delivered in ack mode and not yet acknowledged"),
+    (
+        "in_flight",
+        "Messages delivered in ack mode and not yet acknowledged",
+    ),
     ("file_bytes", "Bytes of records in the messages file"),
     ("uptime_s", "Seconds since the broker started"),
 ];
@@ -100,10 +118,10 @@ pub fn prometheus(stats: &str) -> String {
             Some((_, help)) => ("counter", help.to_string()),
             None => (
                 "gauge",
-                GAUGES
-                    .iter()
-                    .find(|(k, _)| *k == key)
-                    .map_or_else(|| format!("STATS field {key}"), |(_, help)| help.to_string()),
+                GAUGES.iter().find(|(k, _)| *k == key).map_or_else(
+                    || format!("STATS field {key}"),
+                    |(_, help)| help.to_string(),
+                ),
             ),
         };
         let name = metric_name(key, counter.is_some());
@@ -192,7 +210,10 @@ impl HttpServer {
     /// starts serving on a thread of its own.
     pub fn start(shared: &Arc<Shared>, address: SocketAddr) -> io::Result<HttpServer> {
         let listener = TcpListener::bind(address).map_err(|err| {
-            io::Error::new(err.kind(), format!("cannot listen on {address} for --http: {err}"))
+            io::Error::new(
+                err.kind(),
+                format!("cannot listen on {address} for --http: {err}"),
+            )
         })?;
         let address = listener.local_addr()?;
         let accepting = listener.try_clone()?;
@@ -331,17 +352,26 @@ mod tests {
                 "{line}"
             );
         }
-        assert_eq!(text.matches("# TYPE").count(), text.matches("# HELP").count());
+        assert_eq!(
+            text.matches("# TYPE").count(),
+            text.matches("# HELP").count()
+        );
         // A field added later is a gauge, not lost; junk is skipped.
         let later = prometheus("OK:STATS:new_thing=5 junk =x");
         assert!(later.contains("# TYPE mensajeria_new_thing gauge\nmensajeria_new_thing 5\n"));
-        assert!(!later.contains("junk") && !later.contains("info"), "{later}");
+        assert!(
+            !later.contains("junk") && !later.contains("info"),
+            "{later}"
+        );
     }
 
     #[test]
     fn routes() {
         for (head, expected) in [
-            (&b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"[..], Route::Metrics),
+            (
+                &b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+                Route::Metrics,
+            ),
             (b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", Route::Metrics),
             (b"HEAD /healthz HTTP/1.1\r\n\r\n", Route::Health),
             (b"GET /healthz HTTP/1.1\n\n", Route::Health),
@@ -360,7 +390,10 @@ mod tests {
     #[test]
     fn responses_are_complete_and_close() {
         let reply = String::from_utf8(response(503, "text/plain", "down\n")).unwrap();
-        assert!(reply.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{reply}");
+        assert!(
+            reply.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{reply}"
+        );
         assert!(reply.contains("Content-Length: 5\r\n") && reply.contains("Connection: close\r\n"));
         assert!(reply.ends_with("\r\n\r\ndown\n"));
     }

@@ -32,7 +32,10 @@ fn closed_after(stream: &mut TcpStream) -> String {
             Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {
                 return String::from_utf8_lossy(&text).into_owned();
             }
-            Err(err) => panic!("not closed: {err}; got {:?}", String::from_utf8_lossy(&text)),
+            Err(err) => panic!(
+                "not closed: {err}; got {:?}",
+                String::from_utf8_lossy(&text)
+            ),
         }
     }
 }
@@ -54,7 +57,10 @@ fn token_file_must_be_private_and_long_enough() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{}", show(&output));
         assert_eq!(stderr.lines().count(), 1, "{}", show(&output));
-        assert!(stderr.starts_with("broker: ") && stderr.contains(says), "{stderr}");
+        assert!(
+            stderr.starts_with("broker: ") && stderr.contains(says),
+            "{stderr}"
+        );
     }
 }
 
@@ -63,10 +69,19 @@ fn with_a_token_auth_must_come_first() {
     let dir = TestDir::new("auth-first");
     let file = token_file(&dir, "token", &format!("{TOKEN}\n"), 0o600);
     let broker = Broker::start(&dir, &["--auth-token-file", &file]);
-    for first in ["STATS", "REGISTER:PRODUCER", "AUTH:wrong-token-of-some-length", "AUTH:"] {
+    for first in [
+        "STATS",
+        "REGISTER:PRODUCER",
+        "AUTH:wrong-token-of-some-length",
+        "AUTH:",
+    ] {
         let mut client = broker.connect();
         client.send(first);
-        assert_eq!(client.line(), "ERROR:Authentication failed", "after {first}");
+        assert_eq!(
+            client.line(),
+            "ERROR:Authentication failed",
+            "after {first}"
+        );
         assert_eq!(closed_after(&mut client.stream), "", "after {first}");
     }
     let mut client = broker.connect();
@@ -92,7 +107,12 @@ fn clients_send_the_token_first_also_after_a_reconnection() {
     let file = token_file(&dir, "token", &format!("{TOKEN}\n"), 0o600);
     let mut broker = Broker::start(&dir, &["--auth-token-file", &file]);
     let port = broker.port.to_string();
-    let no_token = run("producer", &["--port", &port, "--retries", "0"], &[], b"x\n");
+    let no_token = run(
+        "producer",
+        &["--port", &port, "--retries", "0"],
+        &[],
+        b"x\n",
+    );
     assert!(!no_token.status.success(), "{}", show(&no_token));
     assert!(String::from_utf8_lossy(&no_token.stderr).contains("Authentication failed"));
 
@@ -112,7 +132,9 @@ fn clients_send_the_token_first_also_after_a_reconnection() {
     )
     .spawn()
     .unwrap();
-    eventually("two messages consumed", || authed_stat(&broker, "delivered") == 2);
+    eventually("two messages consumed", || {
+        authed_stat(&broker, "delivered") == 2
+    });
     // Restart: the consumer reconnects and must send AUTH again.
     broker.terminate();
     broker.restart();
@@ -143,7 +165,10 @@ fn authed_stat(broker: &Broker, key: &str) -> u64 {
 }
 
 /// Collects a child's output whose stdout was taken already.
-fn wait_output_with(mut child: std::process::Child, stdout: std::process::ChildStdout) -> std::process::Output {
+fn wait_output_with(
+    mut child: std::process::Child,
+    stdout: std::process::ChildStdout,
+) -> std::process::Output {
     child.stdout = Some(stdout);
     wait_output(child, WAIT)
 }
@@ -188,7 +213,8 @@ fn protected_mode_serves_loopback_only_and_says_how_once() {
     broker.connect().expect("REGISTER:PRODUCER", "OK:PRODUCER");
     let log = broker.log_text();
     assert_eq!(
-        log.matches(&format!("refused a connection from {far}")).count(),
+        log.matches(&format!("refused a connection from {far}"))
+            .count(),
         1,
         "{log}"
     );
@@ -201,7 +227,10 @@ fn protected_mode_serves_loopback_only_and_says_how_once() {
     assert_eq!(request(&mut stream, "REGISTER:PRODUCER"), "OK:PRODUCER");
     let token_dir = TestDir::new("protected-token");
     let file = token_file(&token_dir, "token", TOKEN, 0o600);
-    let tokened = Broker::start(&token_dir, &["--bind", "0.0.0.0", "--auth-token-file", &file]);
+    let tokened = Broker::start(
+        &token_dir,
+        &["--bind", "0.0.0.0", "--auth-token-file", &file],
+    );
     let mut stream = TcpStream::connect((far, tokened.port)).unwrap();
     assert_eq!(request(&mut stream, &format!("AUTH:{TOKEN}")), "OK:AUTH");
     assert_eq!(request(&mut stream, "REGISTER:PRODUCER"), "OK:PRODUCER");

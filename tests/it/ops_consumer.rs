@@ -29,7 +29,9 @@ fn exec_acks_only_what_the_command_finished() {
     assert!(sent.status.success(), "{}", show(&sent));
     let output = run(
         "consumer",
-        &["--port", &port, "--id", "worker", "--ack", "--count", "3", "--exec", &script],
+        &[
+            "--port", &port, "--id", "worker", "--ack", "--count", "3", "--exec", &script,
+        ],
         &[],
         b"",
     );
@@ -42,7 +44,11 @@ fn exec_acks_only_what_the_command_finished() {
     let done = std::fs::read_to_string(&out).unwrap();
     let mut lines: Vec<&str> = done.lines().collect();
     lines.sort();
-    assert_eq!(lines, ["1 first", "2 second", "3 third: with a colon"], "{done}");
+    assert_eq!(
+        lines,
+        ["1 first", "2 second", "3 third: with a colon"],
+        "{done}"
+    );
     assert!(broker.stat("redelivered") >= 1);
     // Everything acknowledged: a new consumer of the id gets nothing.
     let mut client = broker.connect();
@@ -58,7 +64,12 @@ fn a_consumer_whose_reader_goes_away_exits_at_once() {
     let mut child = client_command("consumer", &["--port", &port, "--id", "h"], &[])
         .spawn()
         .unwrap();
-    let sent = run("producer", &["--port", &port, "-n", "5", "-i", "0"], &[], b"");
+    let sent = run(
+        "producer",
+        &["--port", &port, "-n", "5", "-i", "0"],
+        &[],
+        b"",
+    );
     assert!(sent.status.success(), "{}", show(&sent));
     // `consumer | head -3`: read three lines, then close the pipe.
     let mut reader = BufReader::new(child.stdout.take().unwrap());
@@ -76,5 +87,8 @@ fn a_consumer_whose_reader_goes_away_exits_at_once() {
     assert_eq!(status.code(), Some(141), "{status}");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(stderr.contains("the reader of stdout went away"), "{stderr}");
+    assert!(
+        stderr.contains("the reader of stdout went away"),
+        "{stderr}"
+    );
 }

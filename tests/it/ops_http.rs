@@ -40,7 +40,14 @@ fn metrics_health_and_not_found_over_http() {
     let dir = TestDir::new("http");
     let broker = Broker::start_with(
         &dir,
-        &["--http", "127.0.0.1:0", "--fsync", "always", "--max-clients", "2"],
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--fsync",
+            "always",
+            "--max-clients",
+            "2",
+        ],
         |b| b.file_size_limit_kib = Some(64),
     );
     let base = format!("http://{}", http_address(&broker));

@@ -27,7 +27,10 @@ fn inspect_shows_the_live_queue_read_only() {
     let _holder = broker.consumer("holder");
     let mut producer = broker.producer();
     for n in 1..=8 {
-        producer.expect(&format!("SEND:message {n}: tab\there"), &format!("OK:MSG_ID:{n}"));
+        producer.expect(
+            &format!("SEND:message {n}: tab\there"),
+            &format!("OK:MSG_ID:{n}"),
+        );
     }
     let output = inspect(broker.shm_key, broker.sem_key);
     assert!(output.status.success(), "{}", show(&output));

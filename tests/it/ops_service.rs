@@ -14,7 +14,9 @@ use crate::util::*;
 fn hup_usr1_usr2_and_pipe_do_not_kill_and_hup_reopens_the_log() {
     let dir = TestDir::new("signals");
     let mut broker = Broker::start(&dir, &[]);
-    broker.producer().expect("SEND:before rotation", "OK:MSG_ID:1");
+    broker
+        .producer()
+        .expect("SEND:before rotation", "OK:MSG_ID:1");
     // logrotate without copytruncate: rename, then SIGHUP.
     let rotated = dir.join("broker.log.1");
     std::fs::rename(&broker.log, &rotated).unwrap();
@@ -22,16 +24,25 @@ fn hup_usr1_usr2_and_pipe_do_not_kill_and_hup_reopens_the_log() {
     eventually("a new log file", || broker.log_text().contains("reopened"));
     send_signal(broker.pid(), libc::SIGUSR1).unwrap();
     eventually("STATS in the log", || {
-        broker.log_text().contains("received SIGUSR1: OK:STATS:messages=1")
+        broker
+            .log_text()
+            .contains("received SIGUSR1: OK:STATS:messages=1")
     });
     for signal in [libc::SIGUSR2, libc::SIGPIPE, libc::SIGHUP] {
         send_signal(broker.pid(), signal).unwrap();
     }
-    eventually("SIGUSR2 logged", || broker.log_text().contains("SIGUSR2: ignored"));
+    eventually("SIGUSR2 logged", || {
+        broker.log_text().contains("SIGUSR2: ignored")
+    });
     // Still serving, and the old file got nothing after the rename.
-    broker.producer().expect("SEND:after rotation", "OK:MSG_ID:2");
+    broker
+        .producer()
+        .expect("SEND:after rotation", "OK:MSG_ID:2");
     let old = std::fs::read_to_string(&rotated).unwrap();
-    assert!(!old.contains("reopened") && old.contains("starting broker"), "{old}");
+    assert!(
+        !old.contains("reopened") && old.contains("starting broker"),
+        "{old}"
+    );
     assert!(broker.log_text().contains("connection"));
     let status = broker.terminate();
     assert!(status.success(), "{status}");
@@ -69,7 +80,12 @@ fn notify_round(dir: &TestDir, socket: UnixDatagram, address: &str) {
     let keys = fresh_keys();
     let child = std::process::Command::new(bin("broker"))
         .args(["--port", "0", "--bind", "127.0.0.1"])
-        .args(["--shm-key", &keys.0.to_string(), "--sem-key", &keys.1.to_string()])
+        .args([
+            "--shm-key",
+            &keys.0.to_string(),
+            "--sem-key",
+            &keys.1.to_string(),
+        ])
         .arg("--log-file")
         .arg(dir.join("broker.log"))
         .arg(dir.join("messages.dat"))
@@ -141,9 +157,16 @@ fn man_pages_document_every_option_of_help() {
         let page_path = docs.join(format!("{program}.1"));
         let page = std::fs::read_to_string(&page_path)
             .unwrap_or_else(|err| panic!("{}: {err}", page_path.display()));
-        assert!(page.starts_with(".TH ") || page.contains("\n.TH "), "{program}.1 is no man page");
+        assert!(
+            page.starts_with(".TH ") || page.contains("\n.TH "),
+            "{program}.1 is no man page"
+        );
         // roff writes a dash in an option as \- ; compare without the escapes.
-        let plain = page.replace("\\-", "-").replace("\\fB", "").replace("\\fR", "").replace("\\fI", "");
+        let plain = page
+            .replace("\\-", "-")
+            .replace("\\fB", "")
+            .replace("\\fR", "")
+            .replace("\\fI", "");
         let options = options_in(&help);
         assert!(options.len() >= 5, "{program}: {options:?}");
         for option in options {
@@ -176,7 +199,12 @@ fn build_sh_installs_over_a_running_broker() {
     let keys = fresh_keys();
     let child = std::process::Command::new(to.join("broker"))
         .args(["--port", "0", "--bind", "127.0.0.1"])
-        .args(["--shm-key", &keys.0.to_string(), "--sem-key", &keys.1.to_string()])
+        .args([
+            "--shm-key",
+            &keys.0.to_string(),
+            "--sem-key",
+            &keys.1.to_string(),
+        ])
         .arg("--log-file")
         .arg(dir.join("broker.log"))
         .arg(dir.join("messages.dat"))
@@ -206,7 +234,10 @@ fn build_sh_installs_over_a_running_broker() {
     let mut sorted = left.clone();
     sorted.sort();
     assert_eq!(sorted, ["broker", "consumer", "producer"], "{left:?}");
-    let version = std::process::Command::new(to.join("broker")).arg("-V").output().unwrap();
+    let version = std::process::Command::new(to.join("broker"))
+        .arg("-V")
+        .output()
+        .unwrap();
     assert!(version.status.success());
     mensajeria::sys::os::request_stop(guard.child.id(), false).unwrap();
     let status = wait_child(&mut guard.child, WAIT).expect("stops");
