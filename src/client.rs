@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::broker::auth::Token;
 use crate::config::{UsageError, parse_number};
-use crate::protocol::{self, ErrorCode, Line, LineReader, Reply};
+use crate::protocol::{self, Command, ErrorCode, Line, LineReader, Reply};
 
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -274,10 +274,9 @@ impl Connection {
         Err(last)
     }
 
-    /// Queues `line` and its `\n` for the next [`flush`](Self::flush).
-    pub fn queue(&mut self, line: &[u8]) {
-        self.out.extend_from_slice(line);
-        self.out.push(b'\n');
+    /// Queues `command` for the next [`flush`](Self::flush).
+    pub fn queue(&mut self, command: &Command<'_>) {
+        protocol::encode_request(&mut self.out, command);
     }
 
     /// Writes everything queued.
@@ -290,9 +289,9 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends one line now.
-    pub fn send(&mut self, line: &[u8]) -> io::Result<()> {
-        self.queue(line);
+    /// Sends one request now.
+    pub fn send(&mut self, command: &Command<'_>) -> io::Result<()> {
+        self.queue(command);
         self.flush()
     }
 
@@ -367,8 +366,9 @@ impl Connection {
         !self.lines.is_empty()
     }
 
-    /// Sends `request` and waits for its reply, skipping NOTIFY pushes.
-    pub fn request(&mut self, request: &[u8]) -> Result<Vec<u8>, ClientError> {
+    /// Sends `request` and waits for its reply line, skipping NOTIFY
+    /// pushes. An `ERROR:` reply of the protocol is `ClientError::Refused`.
+    pub fn request(&mut self, request: &Command<'_>) -> Result<Vec<u8>, ClientError> {
         self.send(request)?;
         let deadline = Instant::now() + REPLY_TIMEOUT;
         loop {
@@ -388,10 +388,8 @@ impl Connection {
 
     /// Sends `AUTH:<token>` and checks the `OK:AUTH`.
     pub fn authenticate(&mut self, token: &Token) -> Result<(), ClientError> {
-        let mut line = b"AUTH:".to_vec();
-        line.extend_from_slice(token.bytes());
-        let reply = self.request(&line)?;
-        if reply != b"OK:AUTH" {
+        let reply = self.request(&Command::Auth(token.bytes()))?;
+        if protocol::parse_reply(&reply) != Reply::Auth {
             return Err(ClientError::Protocol(
                 String::from_utf8_lossy(&reply).into_owned(),
             ));
@@ -401,8 +399,8 @@ impl Connection {
 
     /// Registers as a producer.
     pub fn register_producer(&mut self) -> Result<(), ClientError> {
-        let reply = self.request(b"REGISTER:PRODUCER")?;
-        if reply != b"OK:PRODUCER" {
+        let reply = self.request(&Command::RegisterProducer)?;
+        if protocol::parse_reply(&reply) != Reply::Producer {
             return Err(ClientError::Protocol(
                 String::from_utf8_lossy(&reply).into_owned(),
             ));
@@ -419,17 +417,14 @@ impl Connection {
         id: Option<&str>,
         ack: bool,
     ) -> Result<String, ClientError> {
-        let request = match (id, ack) {
-            (Some(id), true) => format!("REGISTER:CONSUMER:{id}:ACK"),
-            (Some(id), false) => format!("REGISTER:CONSUMER:{id}"),
-            (None, _) => {
-                assert!(!ack, "ack mode needs a consumer id");
-                "REGISTER:CONSUMER".to_string()
-            }
+        assert!(id.is_some() || !ack, "ack mode needs a consumer id");
+        let request = Command::RegisterConsumer {
+            id: id.map(str::as_bytes),
+            ack,
         };
-        let reply = self.request(request.as_bytes())?;
-        match reply.strip_prefix(b"OK:CONSUMER:") {
-            Some(id) if protocol::valid_consumer_id(id) => {
+        let reply = self.request(&request)?;
+        match protocol::parse_reply(&reply) {
+            Reply::Consumer(id) if protocol::valid_consumer_id(id) => {
                 Ok(String::from_utf8_lossy(id).into_owned())
             }
             _ => Err(ClientError::Protocol(
@@ -444,14 +439,12 @@ impl Connection {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        self.out.extend_from_slice(b"HEARTBEAT:");
-        protocol::push_u64(&mut self.out, now);
-        self.out.push(b'\n');
+        self.queue(&Command::Heartbeat(now));
     }
 
     /// Says goodbye (best effort).
     pub fn quit(mut self) {
-        let _ = self.send(b"QUIT");
+        let _ = self.send(&Command::Quit);
         let _ = self.read_line(Instant::now() + Duration::from_secs(1));
     }
 }

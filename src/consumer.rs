@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use crate::client::{
     self, Backoff, ClientError, Connection, Endpoint, REPLY_TIMEOUT, connect_with_retry,
 };
-use crate::protocol::{self, ErrorCode, Reply};
+use crate::protocol::{self, Command, ErrorCode, Reply};
 
 /// What the command line asked for.
 #[derive(Debug, Clone)]
@@ -335,18 +335,15 @@ fn watch_stdout() {
 
 /// The broker's next message id, from `STATS` (`None` if it does not say).
 fn next_message_id(conn: &mut Connection) -> Result<Option<u64>, ClientError> {
-    let reply = match conn.request(b"STATS") {
+    let reply = match conn.request(&Command::Stats) {
         Ok(reply) => reply,
         Err(ClientError::Refused(_)) => return Ok(None),
         Err(err) => return Err(err),
     };
-    let Some(body) = reply.strip_prefix(b"OK:STATS:") else {
+    let Reply::Stats(body) = protocol::parse_reply(&reply) else {
         return Ok(None);
     };
-    Ok(body
-        .split(|&b| b == b' ')
-        .find_map(|pair| pair.strip_prefix(b"next_id="))
-        .and_then(protocol::parse_u64))
+    Ok(protocol::stats_field(body, "next_id").and_then(protocol::parse_u64))
 }
 
 /// A request whose reply is due.
@@ -471,9 +468,7 @@ impl Session {
     fn queue_requests(&mut self, progress: &Progress, flushed: bool, wire: &mut Vec<u8>) {
         if flushed {
             for id in std::mem::take(&mut self.to_ack) {
-                wire.extend_from_slice(b"ACK:");
-                protocol::push_u64(wire, id);
-                wire.push(b'\n');
+                protocol::encode_request(wire, &Command::Ack(id));
                 self.push(Request::Ack(id));
             }
         }
@@ -492,7 +487,7 @@ impl Session {
         };
         if gets > 0 {
             for _ in 0..gets {
-                wire.extend_from_slice(b"GET\n");
+                protocol::encode_request(wire, &Command::Get);
                 self.push(Request::Get);
             }
             self.want_gets = false;
@@ -545,13 +540,13 @@ impl Session {
                     }
                 })
             }
-            Reply::Ok(rest) if rest.starts_with(b"ACK:") => self
+            Reply::Acked(_) => self
                 .answer(|r| matches!(r, Request::Ack(_)), line)
                 .map(|_| progress.acked += 1),
             Reply::Error(Some(ErrorCode::UnknownMessageId), _) => self
                 .answer(|r| matches!(r, Request::Ack(_)), line)
                 .map(|_| progress.ack_refused += 1),
-            Reply::Ok(b"HEARTBEAT") => self.answer(|r| r == Request::Heartbeat, line).map(|_| ()),
+            Reply::Heartbeat => self.answer(|r| r == Request::Heartbeat, line).map(|_| ()),
             Reply::Error(Some(code @ (ErrorCode::ShuttingDown | ErrorCode::IdleTimeout)), text) => {
                 if code == ErrorCode::IdleTimeout {
                     progress.heartbeat = client::shorter_heartbeat(progress.heartbeat);
@@ -561,7 +556,7 @@ impl Session {
                     );
                 }
                 Err(Step::Reconnect(format!(
-                    "broker said ERROR:{}",
+                    "the broker said {}",
                     String::from_utf8_lossy(text)
                 )))
             }

@@ -25,6 +25,7 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod consumer;
+pub mod disk;
 pub mod exec;
 pub mod inspect;
 pub mod log;

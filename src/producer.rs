@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::client::{
     self, Backoff, ClientError, Connection, Endpoint, REPLY_TIMEOUT, connect_with_retry,
 };
-use crate::protocol::{self, ErrorCode, Reply};
+use crate::protocol::{self, Command, ErrorCode, Reply};
 
 /// What the command line asked for.
 #[derive(Debug, Clone)]
@@ -225,9 +225,7 @@ impl Sender {
                 let Some(mut message) = self.waiting.pop_front() else {
                     break;
                 };
-                conn.out.extend_from_slice(b"SEND:");
-                conn.out.extend_from_slice(&message.content);
-                conn.out.push(b'\n');
+                conn.queue(&Command::Send(&message.content));
                 message.sent_at = now;
                 if message.attempts == 0 {
                     self.sent += 1;
@@ -306,7 +304,7 @@ impl Sender {
                             self.heartbeat.as_millis()
                         );
                     }
-                    let why = format!("ERROR:{}", String::from_utf8_lossy(text));
+                    let why = format!("the broker said {}", String::from_utf8_lossy(text));
                     self.lose_connection(&why);
                     return Ok(());
                 }

@@ -77,9 +77,7 @@ impl ErrorCode {
 
     /// Appends the whole reply line, `ERROR:<text>\n`.
     pub fn write_line(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"ERROR:");
-        out.extend_from_slice(self.text().as_bytes());
-        out.push(b'\n');
+        encode_reply(out, &Reply::error(self));
     }
 
     /// The code whose text is `text`, for clients reading replies.
@@ -231,58 +229,109 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-/// Appends `OK:MSG_ID:<id>\n`.
-pub fn write_msg_id(out: &mut Vec<u8>, id: u64) {
-    out.extend_from_slice(b"OK:MSG_ID:");
-    push_u64(out, id);
-    out.push(b'\n');
-}
-
-/// Appends `MSG:<id>:` (the caller appends the content and `\n`).
-pub fn write_msg_prefix(out: &mut Vec<u8>, id: u64) {
-    out.extend_from_slice(b"MSG:");
-    push_u64(out, id);
-    out.push(b':');
-}
-
-/// Appends `NOTIFY:MESSAGES_AVAILABLE:<count>\n`.
-pub fn write_notify(out: &mut Vec<u8>, count: u64) {
-    out.extend_from_slice(b"NOTIFY:MESSAGES_AVAILABLE:");
-    push_u64(out, count);
-    out.push(b'\n');
-}
-
-/// Appends `OK:CONSUMER:<id>\n`.
-pub fn write_consumer_ok(out: &mut Vec<u8>, id: &[u8]) {
-    out.extend_from_slice(b"OK:CONSUMER:");
-    out.extend_from_slice(id);
-    out.push(b'\n');
-}
-
-/// A reply or push as a client sees it.
+/// A reply or push: what the broker encodes with [`encode_reply`] and a
+/// client decodes with [`parse_reply`]. Every reply text of the protocol
+/// is spelled in this file alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply<'a> {
+    /// `OK:MSG_ID:<id>`
     MsgId(u64),
-    Msg {
-        id: u64,
-        content: &'a [u8],
-    },
+    /// `MSG:<id>:<content>`
+    Msg { id: u64, content: &'a [u8] },
+    /// `NOTIFY:MESSAGES_AVAILABLE:<count>`
     Notify(u64),
+    /// `ERROR:<text>`: the code if the text is one of the protocol's, and
+    /// the text as sent (the broker encodes the code's text, ignoring it).
     Error(Option<ErrorCode>, &'a [u8]),
+    /// `OK:PRODUCER`
+    Producer,
+    /// `OK:CONSUMER:<id>`
+    Consumer(&'a [u8]),
+    /// `OK:ACK:<id>`
+    Acked(u64),
+    /// `OK:HEARTBEAT`
+    Heartbeat,
+    /// `OK:BYE`
+    Bye,
+    /// `OK:AUTH`
+    Auth,
+    /// `OK:STATS:<key>=<value> ...` (the part after the prefix; see
+    /// [`encode_stats`] and [`stats_field`]).
+    Stats(&'a [u8]),
     /// Any other `OK:` reply; the bytes after `OK:`.
     Ok(&'a [u8]),
     /// A line that is none of the above.
     Other(&'a [u8]),
 }
 
+impl Reply<'_> {
+    /// The reply `ERROR:<code's text>`.
+    pub fn error(code: ErrorCode) -> Reply<'static> {
+        Reply::Error(Some(code), b"")
+    }
+}
+
+const MSG_ID: &[u8] = b"OK:MSG_ID:";
+const MSG: &[u8] = b"MSG:";
+const NOTIFY: &[u8] = b"NOTIFY:MESSAGES_AVAILABLE:";
+const ERROR: &[u8] = b"ERROR:";
+const OK: &[u8] = b"OK:";
+const CONSUMER_OK: &[u8] = b"OK:CONSUMER:";
+const ACKED: &[u8] = b"OK:ACK:";
+const STATS_OK: &[u8] = b"OK:STATS:";
+
+/// Appends `reply` as one line, with its `\n`.
+pub fn encode_reply(out: &mut Vec<u8>, reply: &Reply<'_>) {
+    let number = |out: &mut Vec<u8>, prefix: &[u8], n: u64| {
+        out.extend_from_slice(prefix);
+        push_u64(out, n);
+    };
+    match *reply {
+        Reply::MsgId(id) => number(out, MSG_ID, id),
+        Reply::Msg { id, content } => {
+            number(out, MSG, id);
+            out.push(b':');
+            out.extend_from_slice(content);
+        }
+        Reply::Notify(count) => number(out, NOTIFY, count),
+        Reply::Error(Some(code), _) => {
+            out.extend_from_slice(ERROR);
+            out.extend_from_slice(code.text().as_bytes());
+        }
+        Reply::Error(None, text) => {
+            out.extend_from_slice(ERROR);
+            out.extend_from_slice(text);
+        }
+        Reply::Producer => out.extend_from_slice(b"OK:PRODUCER"),
+        Reply::Consumer(id) => {
+            out.extend_from_slice(CONSUMER_OK);
+            out.extend_from_slice(id);
+        }
+        Reply::Acked(id) => number(out, ACKED, id),
+        Reply::Heartbeat => out.extend_from_slice(b"OK:HEARTBEAT"),
+        Reply::Bye => out.extend_from_slice(b"OK:BYE"),
+        Reply::Auth => out.extend_from_slice(b"OK:AUTH"),
+        Reply::Stats(body) => {
+            out.extend_from_slice(STATS_OK);
+            out.extend_from_slice(body);
+        }
+        Reply::Ok(rest) => {
+            out.extend_from_slice(OK);
+            out.extend_from_slice(rest);
+        }
+        Reply::Other(line) => out.extend_from_slice(line),
+    }
+    out.push(b'\n');
+}
+
+/// Appends `NOTIFY:MESSAGES_AVAILABLE:<count>\n`.
+pub fn write_notify(out: &mut Vec<u8>, count: u64) {
+    encode_reply(out, &Reply::Notify(count));
+}
+
 /// Parses one line the broker sent.
 pub fn parse_reply(line: &[u8]) -> Reply<'_> {
-    if let Some(id) = line.strip_prefix(b"OK:MSG_ID:")
-        && let Some(id) = parse_u64(id)
-    {
-        return Reply::MsgId(id);
-    }
-    if let Some(rest) = line.strip_prefix(b"MSG:") {
+    if let Some(rest) = line.strip_prefix(MSG) {
         if let Some(colon) = rest.iter().position(|&b| b == b':')
             && let Some(id) = parse_u64(&rest[..colon])
         {
@@ -293,18 +342,129 @@ pub fn parse_reply(line: &[u8]) -> Reply<'_> {
         }
         return Reply::Other(line);
     }
-    if let Some(count) = line.strip_prefix(b"NOTIFY:MESSAGES_AVAILABLE:")
+    if let Some(count) = line.strip_prefix(NOTIFY)
         && let Some(count) = parse_u64(count)
     {
         return Reply::Notify(count);
     }
-    if let Some(text) = line.strip_prefix(b"ERROR:") {
+    if let Some(text) = line.strip_prefix(ERROR) {
         return Reply::Error(ErrorCode::from_text(text), text);
     }
-    if let Some(rest) = line.strip_prefix(b"OK:") {
-        return Reply::Ok(rest);
+    match line.strip_prefix(OK) {
+        Some(rest) => parse_ok(line, rest),
+        None => Reply::Other(line),
     }
-    Reply::Other(line)
+}
+
+fn parse_ok<'a>(line: &'a [u8], rest: &'a [u8]) -> Reply<'a> {
+    let numbered = |prefix: &[u8]| line.strip_prefix(prefix).and_then(parse_u64);
+    if let Some(id) = numbered(MSG_ID) {
+        return Reply::MsgId(id);
+    }
+    if let Some(id) = numbered(ACKED) {
+        return Reply::Acked(id);
+    }
+    if let Some(id) = line.strip_prefix(CONSUMER_OK) {
+        return Reply::Consumer(id);
+    }
+    if let Some(body) = line.strip_prefix(STATS_OK) {
+        return Reply::Stats(body);
+    }
+    match rest {
+        b"PRODUCER" => Reply::Producer,
+        b"HEARTBEAT" => Reply::Heartbeat,
+        b"BYE" => Reply::Bye,
+        b"AUTH" => Reply::Auth,
+        _ => Reply::Ok(rest),
+    }
+}
+
+/// One `STATS` value. Counters only grow (Prometheus `_total`); gauges
+/// go up and down; texts are names and ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatValue<'a> {
+    Counter(u64),
+    Gauge(u64),
+    Text(&'a str),
+}
+
+/// Appends the body of a `STATS` reply: `key=value` pairs, space separated.
+pub fn encode_stats(out: &mut Vec<u8>, stats: &[(&str, StatValue<'_>)]) {
+    for (i, (key, value)) in stats.iter().enumerate() {
+        if i > 0 {
+            out.push(b' ');
+        }
+        out.extend_from_slice(key.as_bytes());
+        out.push(b'=');
+        match value {
+            StatValue::Counter(n) | StatValue::Gauge(n) => push_u64(out, *n),
+            StatValue::Text(text) => out.extend_from_slice(text.as_bytes()),
+        }
+    }
+}
+
+/// The value of `key` in a `STATS` body, if it is there.
+pub fn stats_field<'a>(body: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    body.split(|&b| b == b' ').find_map(|pair| {
+        pair.strip_prefix(key.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"="))
+    })
+}
+
+/// One request, as a client encodes it with [`encode_request`]. The
+/// broker parses the same texts with [`parse_request`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command<'a> {
+    RegisterProducer,
+    RegisterConsumer {
+        id: Option<&'a [u8]>,
+        ack: bool,
+    },
+    Send(&'a [u8]),
+    Get,
+    Ack(u64),
+    /// `HEARTBEAT:<unix time>`
+    Heartbeat(u64),
+    Stats,
+    Quit,
+    Auth(&'a [u8]),
+}
+
+/// Appends `command` as one line, with its `\n`.
+pub fn encode_request(out: &mut Vec<u8>, command: &Command<'_>) {
+    match *command {
+        Command::RegisterProducer => out.extend_from_slice(b"REGISTER:PRODUCER"),
+        Command::RegisterConsumer { id, ack } => {
+            out.extend_from_slice(b"REGISTER:CONSUMER");
+            if let Some(id) = id {
+                out.push(b':');
+                out.extend_from_slice(id);
+            }
+            if ack {
+                out.extend_from_slice(b":ACK");
+            }
+        }
+        Command::Send(content) => {
+            out.extend_from_slice(b"SEND:");
+            out.extend_from_slice(content);
+        }
+        Command::Get => out.extend_from_slice(b"GET"),
+        Command::Ack(id) => {
+            out.extend_from_slice(b"ACK:");
+            push_u64(out, id);
+        }
+        Command::Heartbeat(time) => {
+            out.extend_from_slice(b"HEARTBEAT:");
+            push_u64(out, time);
+        }
+        Command::Stats => out.extend_from_slice(b"STATS"),
+        Command::Quit => out.extend_from_slice(b"QUIT"),
+        Command::Auth(token) => {
+            out.extend_from_slice(b"AUTH:");
+            out.extend_from_slice(token);
+        }
+    }
+    out.push(b'\n');
 }
 
 /// What [`LineReader::next_line`] found.
@@ -559,33 +719,102 @@ mod tests {
 
     #[test]
     fn replies_round_trip() {
-        let mut out = Vec::new();
-        write_msg_id(&mut out, 7);
-        write_msg_prefix(&mut out, 8);
-        out.extend_from_slice(b"a:b\n");
-        write_notify(&mut out, 3);
-        write_consumer_ok(&mut out, b"c1");
-        ErrorCode::NoMessages.write_line(&mut out);
-        let lines: Vec<&[u8]> = out
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .collect();
-        assert_eq!(parse_reply(lines[0]), Reply::MsgId(7));
-        assert_eq!(
-            parse_reply(lines[1]),
+        let replies = [
+            Reply::MsgId(7),
             Reply::Msg {
                 id: 8,
-                content: b"a:b"
-            }
-        );
-        assert_eq!(parse_reply(lines[2]), Reply::Notify(3));
-        assert_eq!(parse_reply(lines[3]), Reply::Ok(b"CONSUMER:c1"));
-        assert_eq!(
-            parse_reply(lines[4]),
-            Reply::Error(Some(ErrorCode::NoMessages), b"No messages available")
-        );
+                content: b"a:b",
+            },
+            Reply::Notify(3),
+            Reply::Consumer(b"c1"),
+            Reply::Producer,
+            Reply::Acked(9),
+            Reply::Heartbeat,
+            Reply::Bye,
+            Reply::Auth,
+            Reply::Stats(b"a=1 b=x"),
+            Reply::Ok(b"SOMETHING"),
+        ];
+        for reply in replies {
+            let mut out = Vec::new();
+            encode_reply(&mut out, &reply);
+            assert_eq!(out.pop(), Some(b'\n'));
+            assert_eq!(
+                parse_reply(&out),
+                reply,
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+        for code in ErrorCode::ALL {
+            let mut out = Vec::new();
+            code.write_line(&mut out);
+            out.pop();
+            assert_eq!(
+                parse_reply(&out),
+                Reply::Error(Some(code), code.text().as_bytes())
+            );
+        }
         assert_eq!(parse_reply(b"MSG:x:y"), Reply::Other(b"MSG:x:y"));
+        assert_eq!(parse_reply(b"OK:MSG_ID:x"), Reply::Ok(b"MSG_ID:x"));
         assert_eq!(parse_reply(b"hello"), Reply::Other(b"hello"));
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let cases: [(Command<'_>, Request<'_>); 10] = [
+            (Command::RegisterProducer, Request::RegisterProducer),
+            (
+                Command::RegisterConsumer {
+                    id: None,
+                    ack: false,
+                },
+                Request::RegisterConsumer {
+                    id: None,
+                    ack: false,
+                },
+            ),
+            (
+                Command::RegisterConsumer {
+                    id: Some(b"w-1"),
+                    ack: true,
+                },
+                Request::RegisterConsumer {
+                    id: Some(b"w-1"),
+                    ack: true,
+                },
+            ),
+            (Command::Send(b"a:b"), Request::Send(b"a:b")),
+            (Command::Get, Request::Get),
+            (Command::Ack(42), Request::Ack(Some(42))),
+            (Command::Heartbeat(1_700_000_000), Request::Heartbeat),
+            (Command::Stats, Request::Stats),
+            (Command::Quit, Request::Quit),
+            (Command::Auth(b"tok"), Request::Auth(b"tok")),
+        ];
+        for (command, request) in cases {
+            let mut out = Vec::new();
+            encode_request(&mut out, &command);
+            assert_eq!(out.pop(), Some(b'\n'));
+            assert_eq!(parse_request(&out), request, "{command:?}");
+        }
+    }
+
+    #[test]
+    fn stats_encode_and_read_back() {
+        let mut body = Vec::new();
+        encode_stats(
+            &mut body,
+            &[
+                ("messages", StatValue::Gauge(3)),
+                ("stored", StatValue::Counter(10)),
+                ("fsync", StatValue::Text("always")),
+            ],
+        );
+        assert_eq!(body, b"messages=3 stored=10 fsync=always");
+        assert_eq!(stats_field(&body, "stored"), Some(&b"10"[..]));
+        assert_eq!(stats_field(&body, "store"), None);
+        assert_eq!(stats_field(&body, "fsync"), Some(&b"always"[..]));
     }
 
     /// Feeds `input` to a reader in chunks of `chunk` bytes and collects

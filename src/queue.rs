@@ -96,6 +96,15 @@ impl fmt::Display for QueueError {
     }
 }
 
+impl std::error::Error for QueueError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            QueueError::Io(err) => Some(err),
+            QueueError::InUse { .. } => None,
+        }
+    }
+}
+
 impl From<io::Error> for QueueError {
     fn from(err: io::Error) -> QueueError {
         QueueError::Io(err)
@@ -478,6 +487,29 @@ impl RingGuard<'_> {
         }
         // FULL lower than the ring says: a bug, but never leave the MUTEX
         // held (the guard's drop releases it).
+        Err(io::Error::other("semaphore FULL below the ring's count"))
+    }
+
+    /// Drops the newest `n` messages (their fsync failed and nobody saw
+    /// them), then releases the MUTEX, moving their slots from FULL to
+    /// EMPTY.
+    pub fn unlock_dropping_newest(mut self, n: usize) -> io::Result<()> {
+        let (head, next) = self.bounds();
+        assert!(n as u64 <= next - head, "drop {n} of {}", next - head);
+        self.ring.segment.write_u64(H_NEXT, next - n as u64);
+        let full = Op {
+            index: FULL,
+            delta: -(n as i16),
+            flags: NOWAIT,
+        };
+        let empty = Op {
+            index: EMPTY,
+            delta: n as i16,
+            flags: 0,
+        };
+        if self.unlock_with(&[full, empty])? {
+            return Ok(());
+        }
         Err(io::Error::other("semaphore FULL below the ring's count"))
     }
 

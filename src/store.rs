@@ -17,11 +17,13 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
+use crate::disk::Disk;
 use crate::protocol::{parse_u64, push_u64, valid_consumer_id};
 
 /// When the messages file is fsynced.
@@ -455,33 +457,55 @@ fn context(err: io::Error, what: &str, path: &Path) -> io::Error {
 }
 
 /// Fsyncs the directory that holds `path`, so a rename in it is durable.
-fn sync_dir(path: &Path) -> io::Result<()> {
+fn sync_dir(disk: &Disk, path: &Path) -> io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
     File::open(dir)
-        .and_then(|d| d.sync_all())
+        .and_then(|d| disk.sync_all(&d))
         .map_err(|e| context(e, "fsync directory", dir))
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename,
 /// fsync of the directory. Readers see the old file or the new, never half.
-pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// On any failure the old file stays as it was.
+pub fn replace_file(disk: &Disk, path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = with_suffix(path, ".tmp");
-    let mut file = OpenOptions::new()
+    write_new_file(disk, &tmp, bytes)?;
+    disk.rename(&tmp, path)
+        .map_err(|e| context(e, "rename over", path))
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
+    sync_dir(disk, path)
+}
+
+/// Creates `path` (0600, replacing what is there) holding `bytes`,
+/// fsynced; returns it open for reading and writing.
+fn write_new_file(disk: &Disk, path: &Path, bytes: &[u8]) -> io::Result<File> {
+    let file = create_private(path)?;
+    let written = disk
+        .write_all(&file, bytes)
+        .map_err(|e| context(e, "write", path))
+        .and_then(|()| disk.sync_all(&file).map_err(|e| context(e, "fsync", path)));
+    if let Err(err) = written {
+        let _ = fs::remove_file(path);
+        return Err(err);
+    }
+    Ok(file)
+}
+
+/// Creates `path` empty, mode 0600, open for reading and writing.
+fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| context(e, "create", &tmp))?;
-    file.write_all(bytes)
-        .map_err(|e| context(e, "write", &tmp))?;
-    file.sync_all().map_err(|e| context(e, "fsync", &tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(|e| context(e, "rename over", path))?;
-    sync_dir(path)
+        .open(path)
+        .map_err(|e| context(e, "create", path))
 }
 
 /// Reads the offsets file, or the defaults if it does not exist.
@@ -500,22 +524,26 @@ pub fn load_offsets(messages: &Path, skip_bad: bool) -> io::Result<(Offsets, Vec
 }
 
 /// Saves the offsets file atomically.
-pub fn save_offsets(messages: &Path, offsets: &Offsets) -> io::Result<()> {
-    replace_file(&offsets_path(messages), &offsets.encode())
+pub fn save_offsets(disk: &Disk, messages: &Path, offsets: &Offsets) -> io::Result<()> {
+    replace_file(disk, &offsets_path(messages), &offsets.encode())
 }
 
 /// The messages file open for appending.
 #[derive(Debug)]
 pub struct MessageFile {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     len: u64,
+    disk: Disk,
+    /// A failed write could not be cut back: bytes past `len` may be
+    /// garbage, so nothing more is appended until a restart re-reads it.
+    broken: bool,
 }
 
 impl MessageFile {
     /// Opens (creating, mode 0600) the file and cuts it to `valid_len`,
     /// dropping a torn tail that recovery reported.
-    pub fn open(path: &Path, valid_len: u64) -> io::Result<MessageFile> {
+    pub fn open(path: &Path, valid_len: u64, disk: Disk) -> io::Result<MessageFile> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -526,22 +554,22 @@ impl MessageFile {
             .map_err(|e| context(e, "open", path))?;
         let actual = file.metadata().map_err(|e| context(e, "stat", path))?.len();
         if actual != valid_len {
-            file.set_len(valid_len)
+            disk.truncate(&file, valid_len)
                 .map_err(|e| context(e, "truncate", path))?;
-            file.sync_all().map_err(|e| context(e, "fsync", path))?;
+            disk.sync_all(&file)
+                .map_err(|e| context(e, "fsync", path))?;
         }
-        let mut message_file = MessageFile {
-            path: path.to_path_buf(),
-            file,
-            len: valid_len,
-        };
-        message_file.seek_end()?;
-        Ok(message_file)
-    }
-
-    fn seek_end(&mut self) -> io::Result<()> {
         use std::io::Seek;
-        self.file.seek(io::SeekFrom::Start(self.len)).map(drop)
+        let mut file = file;
+        file.seek(io::SeekFrom::Start(valid_len))
+            .map_err(|e| context(e, "seek", path))?;
+        Ok(MessageFile {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            len: valid_len,
+            disk,
+            broken: false,
+        })
     }
 
     /// Current length in bytes.
@@ -559,64 +587,116 @@ impl MessageFile {
     }
 
     /// Appends whole records. On failure the file is cut back to where it
-    /// was, so a half-written record never stays behind a live broker.
+    /// was, so a half-written record never stays behind a live broker; if
+    /// even that fails, the error says so (the caller must stop writing).
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self.file.write_all(bytes) {
+        if self.broken {
+            return Err(io::Error::other(format!(
+                "{} could not be cut back after a failed write; restart the broker",
+                self.path.display()
+            )));
+        }
+        match self.disk.write_all(&self.file, bytes) {
             Ok(()) => {
                 self.len += bytes.len() as u64;
                 Ok(())
             }
             Err(err) => {
-                let _ = self.file.set_len(self.len);
-                let _ = self.seek_end();
-                Err(context(err, "append to", &self.path))
+                let err = context(err, "append to", &self.path);
+                match self.cut_back(self.len) {
+                    Ok(()) => Err(err),
+                    Err(cut) => Err(io::Error::new(cut.kind(), format!("{err}; then {cut}"))),
+                }
             }
         }
     }
 
-    /// Cuts the file back to `len` bytes after a failed store, so no record
-    /// that was not acknowledged stays behind. Best effort: if even this
-    /// fails, recovery treats the leftover as a torn tail or damage.
-    pub fn cut_back(&mut self, len: u64) {
-        if len < self.len {
-            let _ = self.file.set_len(len);
-            self.len = len;
-            let _ = self.seek_end();
-        }
+    /// Cuts the file back to `len` bytes (after a failed write or fsync),
+    /// so no record that was not acknowledged stays behind. The file
+    /// offset follows, so the next append lands right after `len`.
+    pub fn cut_back(&mut self, len: u64) -> io::Result<()> {
+        use std::io::Seek;
+        self.broken = true;
+        self.disk
+            .truncate(&self.file, len)
+            .map_err(|e| context(e, "truncate", &self.path))?;
+        self.broken = false;
+        self.len = len;
+        (&*self.file)
+            .seek(io::SeekFrom::Start(len))
+            .map(drop)
+            .map_err(|e| context(e, "seek", &self.path))
     }
 
-    /// A second handle on the same open file, for fsyncing without the
-    /// lock that guards appends.
-    pub fn sync_handle(&self) -> io::Result<File> {
-        self.file.try_clone()
+    /// The open file, for fsyncing without the lock that guards appends.
+    pub fn sync_handle(&self) -> Arc<File> {
+        Arc::clone(&self.file)
+    }
+
+    /// The disk this file is written through.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
     }
 
     /// Fsyncs the data (fdatasync).
     pub fn sync(&self) -> io::Result<()> {
-        self.file
-            .sync_data()
+        self.disk
+            .sync_data(&self.file)
             .map_err(|e| context(e, "fsync", &self.path))
     }
 
-    /// Replaces the file's contents with `records` (compaction): written to
-    /// a temporary file, fsynced, renamed over, directory fsynced. On error
-    /// the old file stays in place and in use.
-    pub fn rewrite<'a>(
-        &mut self,
-        records: impl Iterator<Item = (u64, u64, &'a [u8])>,
-    ) -> io::Result<()> {
+    /// Compaction: replaces the file with its bytes from `offset` on (the
+    /// records still needed), copied from the file itself, never from the
+    /// shared memory another process could have written. The copy goes to
+    /// a temporary file, fsynced, renamed over, directory fsynced. The
+    /// temporary file's own handle is kept and becomes the messages file,
+    /// so nothing is reopened after the rename (a reopen that failed, on
+    /// EMFILE say, would leave appends going to the unlinked old inode).
+    /// On error before the rename, the old file stays in place and in use.
+    pub fn compact_from(&mut self, offset: u64) -> io::Result<()> {
         let tmp = with_suffix(&self.path, ".tmp");
-        let mut bytes = Vec::new();
-        for (id, timestamp, content) in records {
-            encode_record(&mut bytes, id, timestamp, content);
-        }
-        replace_file(&self.path, &bytes).inspect_err(|_| {
+        let fresh = copy_to_new_file(&self.disk, &self.file, offset..self.len, &tmp)?;
+        if let Err(err) = self.disk.rename(&tmp, &self.path) {
             let _ = fs::remove_file(&tmp);
-        })?;
-        let fresh = MessageFile::open(&self.path, bytes.len() as u64)?;
-        *self = fresh;
-        Ok(())
+            return Err(context(err, "rename over", &self.path));
+        }
+        // From here the new file is the messages file, whatever follows;
+        // its offset is at its end already.
+        self.file = Arc::new(fresh);
+        self.len -= offset;
+        sync_dir(&self.disk, &self.path)
     }
+}
+
+/// Creates `path` (0600) holding the bytes `range` of `source`, fsynced,
+/// copied a block at a time; returns it open, its offset at its end.
+fn copy_to_new_file(
+    disk: &Disk,
+    source: &File,
+    range: std::ops::Range<u64>,
+    path: &Path,
+) -> io::Result<File> {
+    use std::os::unix::fs::FileExt;
+    let file = create_private(path)?;
+    let mut block = vec![0u8; 64 * 1024];
+    let mut at = range.start;
+    let copied = (|| {
+        while at < range.end {
+            let n = block.len().min((range.end - at) as usize);
+            source
+                .read_exact_at(&mut block[..n], at)
+                .map_err(|e| context(e, "read back", path))?;
+            disk.write_all(&file, &block[..n])
+                .map_err(|e| context(e, "write", path))?;
+            at += n as u64;
+        }
+        disk.sync_all(&file).map_err(|e| context(e, "fsync", path))
+    })();
+    if let Err(err) = copied {
+        let _ = fs::remove_file(path);
+        return Err(err);
+    }
+    Ok(file)
 }
 
 /// `--repair`: keeps the first `valid_len` bytes of `path`, after saving
@@ -633,7 +713,7 @@ pub fn repair(path: &Path, valid_len: u64, unix_time: u64) -> io::Result<PathBuf
         .take(valid_len)
         .read_to_end(&mut prefix)
         .map_err(|e| context(e, "read", path))?;
-    replace_file(path, &prefix)?;
+    replace_file(&Disk::real(), path, &prefix)?;
     Ok(saved)
 }
 
@@ -852,17 +932,12 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("messages.dat");
-        let (bytes, records, ends) = sample(6);
-        let mut file = MessageFile::open(&path, 0).unwrap();
+        let (bytes, _, ends) = sample(6);
+        let mut file = MessageFile::open(&path, 0, Disk::real()).unwrap();
         file.append(&bytes).unwrap();
         file.sync().unwrap();
         assert_eq!(file.len(), bytes.len() as u64);
-        file.rewrite(
-            records[4..]
-                .iter()
-                .map(|r| (r.id, r.timestamp, &r.content[..])),
-        )
-        .unwrap();
+        file.compact_from(ends[3]).unwrap();
         let on_disk = fs::read(&path).unwrap();
         assert_eq!(on_disk, bytes[ends[3] as usize..]);
         file.append(b"").unwrap();
@@ -881,8 +956,100 @@ mod tests {
             next_id: 9,
             ..Offsets::default()
         };
-        save_offsets(&path, &offsets).unwrap();
+        save_offsets(&Disk::real(), &path, &offsets).unwrap();
         assert_eq!(load_offsets(&path, false).unwrap().0, offsets);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn fault_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mq-fault-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_failed_offsets_save_leaves_the_old_file() {
+        use crate::disk::{DiskOp, FaultPlan};
+        let dir = fault_dir("offsets");
+        let path = dir.join("messages.dat");
+        let old = Offsets {
+            next_id: 5,
+            ..Offsets::default()
+        };
+        save_offsets(&Disk::real(), &path, &old).unwrap();
+        let new = Offsets {
+            next_id: 9,
+            ..Offsets::default()
+        };
+        // Every call of the save: the file's write, its fsync, the rename.
+        for (op, nth) in [(DiskOp::Write, 1), (DiskOp::Fsync, 1), (DiskOp::Rename, 1)] {
+            let plan = FaultPlan::new();
+            plan.fail(op, nth, 1);
+            let err = save_offsets(&Disk::with_faults(plan), &path, &new).unwrap_err();
+            assert!(err.to_string().contains("injected"), "{op:?}: {err}");
+            assert_eq!(load_offsets(&path, false).unwrap().0, old, "{op:?}");
+            assert!(
+                !with_suffix(&offsets_path(&path), ".tmp").exists(),
+                "{op:?}"
+            );
+        }
+        // The directory's fsync fails after the rename: the new file is in
+        // place, and the error is still reported (the caller retries).
+        let plan = FaultPlan::new();
+        plan.fail(DiskOp::Fsync, 2, 1);
+        assert!(save_offsets(&Disk::with_faults(plan), &path, &new).is_err());
+        assert_eq!(load_offsets(&path, false).unwrap().0, new);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_append_is_cut_back_or_reported() {
+        use crate::disk::{DiskOp, FaultPlan};
+        let dir = fault_dir("append");
+        let path = dir.join("messages.dat");
+        let plan = FaultPlan::new();
+        let mut file = MessageFile::open(&path, 0, Disk::with_faults(plan.clone())).unwrap();
+        file.append(b"1:1:1:a\n").unwrap();
+        plan.fail(DiskOp::Write, 1, 1);
+        assert!(file.append(b"2:1:1:b\n").is_err());
+        assert_eq!(file.len(), 8);
+        file.append(b"2:1:1:c\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"1:1:1:a\n2:1:1:c\n");
+        // Neither the write nor the cut back works: the error says both.
+        plan.fail(DiskOp::Write, 1, 1);
+        plan.fail(DiskOp::Truncate, 1, 1);
+        let err = file.append(b"3:1:1:d\n").unwrap_err().to_string();
+        assert!(err.contains("append") && err.contains("truncate"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn compaction_keeps_the_old_file_until_the_rename_and_the_new_after() {
+        use crate::disk::{DiskOp, FaultPlan};
+        let dir = fault_dir("rewrite");
+        let path = dir.join("messages.dat");
+        let (bytes, _, ends) = sample(6);
+        let plan = FaultPlan::new();
+        let mut file = MessageFile::open(&path, 0, Disk::with_faults(plan.clone())).unwrap();
+        file.append(&bytes[..ends[4] as usize]).unwrap();
+        for (op, nth) in [(DiskOp::Write, 1), (DiskOp::Fsync, 1), (DiskOp::Rename, 1)] {
+            plan.fail(op, nth, 1);
+            assert!(file.compact_from(ends[2]).is_err(), "{op:?}");
+            assert_eq!(
+                fs::read(&path).unwrap(),
+                bytes[..ends[4] as usize],
+                "{op:?}"
+            );
+            assert!(!with_suffix(&path, ".tmp").exists(), "{op:?}");
+        }
+        // Past the rename (the directory's fsync fails): the new file is
+        // the one appended to, never the unlinked old inode.
+        plan.fail(DiskOp::Fsync, 2, 1);
+        assert!(file.compact_from(ends[2]).is_err());
+        file.append(&bytes[ends[4] as usize..]).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), bytes[ends[2] as usize..]);
+        assert_eq!(file.len(), bytes.len() as u64 - ends[2]);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -21,7 +21,7 @@ struct Pending {
     deadline: Instant,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct AckState {
     /// The highest id ever handed out (at least `pos`).
     delivered_to: u64,
@@ -31,7 +31,7 @@ struct AckState {
 }
 
 /// One consumer id's position.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Cursor {
     /// Plain mode: id of the last message consumed (0 before the first).
     /// Ack mode: the ack floor.

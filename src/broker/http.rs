@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::Shared;
+use crate::protocol::StatValue;
 use crate::sys::os;
 
 /// Longest request head read (request line and headers).
@@ -32,8 +33,9 @@ pub const MAX_REQUEST: usize = 8 * 1024;
 /// Time a client gets to send its request, and to take the reply.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The STATS fields that only grow: exposed as counters.
-const COUNTERS: [(&str, &str); 8] = [
+/// Help for the STATS fields we know; any other gets a generic one. Which
+/// fields are counters is the core's word ([`StatValue::Counter`]).
+const HELP: [(&str, &str); 19] = [
     ("stored", "Messages stored since start"),
     ("delivered", "Messages delivered to consumers since start"),
     (
@@ -43,6 +45,10 @@ const COUNTERS: [(&str, &str); 8] = [
     (
         "persistence_failures",
         "SENDs refused with ERROR:Persistence failure since start",
+    ),
+    (
+        "fsync_failures",
+        "Failed fsyncs of the messages file since start",
     ),
     ("acked", "Acknowledgements accepted since start"),
     (
@@ -57,10 +63,6 @@ const COUNTERS: [(&str, &str); 8] = [
         "idle_drops",
         "Connections closed with ERROR:Idle timeout since start",
     ),
-];
-
-/// Help for the gauges we know; any other numeric field is a gauge too.
-const GAUGES: [(&str, &str); 10] = [
     ("messages", "Messages held in the queue"),
     ("capacity", "Messages the queue can hold"),
     ("next_id", "Id the next stored message gets"),
@@ -72,7 +74,7 @@ const GAUGES: [(&str, &str); 10] = [
         "in_flight",
         "Messages delivered in ack mode and not yet acknowledged",
     ),
-    ("file_bytes", "Bytes of records in the messages file"),
+    ("file_bytes", "Bytes of records in the messages files"),
     ("uptime_s", "Seconds since the broker started"),
 ];
 
@@ -94,39 +96,31 @@ fn metric_name(key: &str, counter: bool) -> String {
     }
 }
 
-/// The Prometheus text for a `STATS` reply line (with or without its
-/// `OK:STATS:` prefix). Numeric fields become samples; the others
-/// (`fsync`, `instance`) become labels of `mensajeria_info 1`.
-pub fn prometheus(stats: &str) -> String {
-    let body = stats.trim_end();
-    let body = body.strip_prefix("OK:STATS:").unwrap_or(body);
+/// The Prometheus text for the `STATS` fields: counters and gauges become
+/// samples with `# HELP` and `# TYPE`; the text fields (`fsync`,
+/// `instance`) become labels of `mensajeria_info 1`.
+pub fn prometheus(stats: &[(&str, StatValue<'_>)]) -> String {
     let mut out = String::new();
     let mut labels = Vec::new();
-    for pair in body.split(' ').filter(|p| !p.is_empty()) {
-        let Some((key, value)) = pair.split_once('=') else {
-            continue;
-        };
+    for (key, value) in stats {
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             continue;
         }
-        if value.parse::<f64>().is_err() {
-            labels.push(format!("{key}=\"{}\"", escape_label(value)));
-            continue;
-        }
-        let counter = COUNTERS.iter().find(|(k, _)| *k == key);
-        let (kind, help) = match counter {
-            Some((_, help)) => ("counter", help.to_string()),
-            None => (
-                "gauge",
-                GAUGES.iter().find(|(k, _)| *k == key).map_or_else(
-                    || format!("STATS field {key}"),
-                    |(_, help)| help.to_string(),
-                ),
-            ),
+        let (kind, number) = match value {
+            StatValue::Counter(n) => ("counter", n),
+            StatValue::Gauge(n) => ("gauge", n),
+            StatValue::Text(text) => {
+                labels.push(format!("{key}=\"{}\"", escape_label(text)));
+                continue;
+            }
         };
-        let name = metric_name(key, counter.is_some());
+        let help = HELP.iter().find(|(k, _)| k == key).map_or_else(
+            || format!("STATS field {key}"),
+            |(_, help)| help.to_string(),
+        );
+        let name = metric_name(key, kind == "counter");
         out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {number}\n"
         ));
     }
     if !labels.is_empty() {
@@ -292,9 +286,7 @@ fn reply_to(shared: &Shared, head: &[u8]) -> Vec<u8> {
     let head_only = head.starts_with(b"HEAD ");
     let mut reply = match route(head) {
         Route::Metrics => {
-            let mut line = Vec::new();
-            shared.core.stats_line(&mut line);
-            let text = prometheus(&String::from_utf8_lossy(&line));
+            let text = prometheus(&shared.core.stats());
             response(200, "text/plain; version=0.0.4; charset=utf-8", &text)
         }
         Route::Health => match health(shared) {
@@ -315,7 +307,7 @@ fn reply_to(shared: &Shared, head: &[u8]) -> Vec<u8> {
 fn health(shared: &Shared) -> Option<&'static str> {
     if shared.shutting_down.load(Ordering::Acquire) {
         Some("shutting down")
-    } else if shared.core.writes_failing() {
+    } else if shared.core.durability.writes_failing() {
         Some("persistence failing: SENDs are answered ERROR:Persistence failure (see the log)")
     } else {
         None
@@ -326,14 +318,21 @@ fn health(shared: &Shared) -> Option<&'static str> {
 mod tests {
     use super::*;
 
-    const STATS: &str = "OK:STATS:messages=3 capacity=1000 next_id=4 stored=3 delivered=1 \
-        queue_full=0 persistence_failures=0 connections=2 producers=1 consumers=1 cursors=1 \
-        in_flight=0 acked=0 redelivered=0 refused_full=0 idle_drops=0 file_bytes=90 \
-        fsync=interval uptime_s=12 instance=00ff\n";
+    fn stats() -> Vec<(&'static str, StatValue<'static>)> {
+        use StatValue::{Counter, Gauge, Text};
+        vec![
+            ("messages", Gauge(3)),
+            ("stored", Counter(3)),
+            ("idle_drops", Counter(0)),
+            ("fsync", Text("interval")),
+            ("uptime_s", Gauge(12)),
+            ("instance", Text("00ff")),
+        ]
+    }
 
     #[test]
     fn stats_become_prometheus_text() {
-        let text = prometheus(STATS);
+        let text = prometheus(&stats());
         for expected in [
             "# HELP mensajeria_stored_total Messages stored since start\n# TYPE mensajeria_stored_total counter\nmensajeria_stored_total 3\n",
             "# TYPE mensajeria_messages gauge\nmensajeria_messages 3\n",
@@ -356,11 +355,21 @@ mod tests {
             text.matches("# TYPE").count(),
             text.matches("# HELP").count()
         );
-        // A field added later is a gauge, not lost; junk is skipped.
-        let later = prometheus("OK:STATS:new_thing=5 junk =x");
-        assert!(later.contains("# TYPE mensajeria_new_thing gauge\nmensajeria_new_thing 5\n"));
+        // A field added later gets a generic help, not lost; a key that is
+        // no metric name is skipped; a quote in a label is escaped.
+        let later = prometheus(&[
+            ("new_thing", StatValue::Gauge(5)),
+            ("bad key", StatValue::Gauge(1)),
+            ("", StatValue::Counter(1)),
+            ("odd", StatValue::Text("a\"b")),
+        ]);
+        assert!(later.contains("# HELP mensajeria_new_thing STATS field new_thing\n"));
         assert!(
-            !later.contains("junk") && !later.contains("info"),
+            !later.contains("bad") && !later.contains("mensajeria__total"),
+            "{later}"
+        );
+        assert!(
+            later.contains("mensajeria_info{odd=\"a\\\"b\"} 1"),
             "{later}"
         );
     }

@@ -9,13 +9,15 @@
 //! used. Every thread is joined before [`run`] returns.
 
 pub mod auth;
+mod conn;
 mod core;
 mod cursor;
+mod durability;
 mod http;
 mod recovery;
 mod session;
+mod state;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -23,7 +25,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use self::core::{Conn, Core, CoreConfig, lock};
+use self::conn::lock;
+use self::core::{Core, CoreConfig};
+use self::recovery::Recovered;
 use crate::config::BrokerConfig;
 use crate::log::Logger;
 use crate::notify::Notifier;
@@ -53,7 +57,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub(crate) struct Shared {
     pub(crate) core: Core,
     pub(crate) config: BrokerConfig,
-    pub(crate) conns: Mutex<HashMap<u64, Arc<Conn>>>,
     pub(crate) shutting_down: AtomicBool,
     /// Connections accepted and not yet finished (queued or served).
     pub(crate) active: AtomicUsize,
@@ -61,31 +64,64 @@ pub(crate) struct Shared {
     pub(crate) access: auth::Access,
 }
 
-/// Why the broker did not start (exit status 1).
+/// Why the broker did not start, or did not stop cleanly (exit status 1).
 #[derive(Debug)]
-pub struct StartError(pub String);
+pub struct StartError {
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StartError {
+    fn new(message: impl Into<String>) -> StartError {
+        StartError {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    fn caused_by(err: impl std::error::Error + Send + Sync + 'static) -> StartError {
+        StartError {
+            message: err.to_string(),
+            source: Some(Box::new(err)),
+        }
+    }
+}
 
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|err| err as &(dyn std::error::Error + 'static))
     }
 }
 
 impl From<std::io::Error> for StartError {
     fn from(err: std::io::Error) -> StartError {
-        StartError(err.to_string())
+        StartError::caused_by(err)
     }
 }
 
 impl From<crate::queue::QueueError> for StartError {
     fn from(err: crate::queue::QueueError) -> StartError {
-        StartError(err.to_string())
+        StartError::caused_by(err)
+    }
+}
+
+impl From<recovery::RecoveryError> for StartError {
+    fn from(err: recovery::RecoveryError) -> StartError {
+        StartError::caused_by(err)
     }
 }
 
 impl From<String> for StartError {
-    fn from(err: String) -> StartError {
-        StartError(err)
+    fn from(message: String) -> StartError {
+        StartError::new(message)
     }
 }
 
@@ -137,13 +173,56 @@ fn start_and_serve(
     // anything.
     let _lock = lock_messages_file(&config.messages_file)?;
     crate::queue::check_keys(config.shm_key, config.sem_key)?;
-    let (recovered, records) = recovery::recover(&config, log).map_err(StartError)?;
+    let (recovered, ring) = recover_queue(&config, log)?;
+    let listener = TcpListener::bind((config.bind, config.port))
+        .map_err(|err| format!("cannot listen on {}:{}: {err}", config.bind, config.port))?;
+    let core_config = CoreConfig {
+        messages_file: config.messages_file.clone(),
+        send_timeout: config.send_timeout.min(MAX_SEND_WAIT),
+        consumer_ttl: config.consumer_ttl,
+        fsync: config.fsync,
+        ack_wait: config.ack_wait,
+        max_ack_pending: config.max_ack_pending,
+    };
+    let core = Core::new(core_config, Arc::clone(log), ring, recovered)?;
+    // The offsets file now matches what recovery decided (clamped cursors,
+    // a repaired file), before anyone is served.
+    core.save_offsets(true)?;
+    let access = auth::Access::new(config.auth_token.clone(), config.protected_mode);
+    let shared = Arc::new(Shared {
+        core,
+        config,
+        shutting_down: AtomicBool::new(false),
+        active: AtomicUsize::new(0),
+        access,
+    });
+    // Before the other threads, so a --http address in use stops the start
+    // with nothing to wind down.
+    let http = match shared.config.http {
+        Some(address) => Some(http::HttpServer::start(&shared, address)?),
+        None => None,
+    };
+    let threads = Threads::start(&shared, &listener)?;
+    let http_address = http.as_ref().map(|http| http.address);
+    serve(&shared, &listener, &threads.pool, notifier, http_address)?;
+    drop(listener);
+    threads.stop(&shared);
+    if let Some(http) = http {
+        http.stop();
+    }
+    finish(shared, log)
+}
+
+/// Recovery, then the ring in shared memory filled with the records
+/// consumers still need.
+fn recover_queue(config: &BrokerConfig, log: &Logger) -> Result<(Recovered, Ring), StartError> {
+    let (recovered, records) = recovery::recover(config, log)?;
     let ring = Ring::create(
         config.shm_key,
         config.sem_key,
         config.capacity,
         config.max_msg_size,
-        recovered.head,
+        recovered.start.head,
         log,
     )?;
     if !records.is_empty() {
@@ -159,7 +238,6 @@ fn start_and_serve(
         }
         guard.unlock_pushed(records.len())?;
     }
-    drop(records);
     let (shm_id, sem_id) = ring.ids();
     log.info(format_args!(
         "queue in shared memory key 0x{:x} (id {shm_id}, {} bytes), semaphores key 0x{:x} (id {sem_id})",
@@ -167,111 +245,110 @@ fn start_and_serve(
         ring.segment_len(),
         config.sem_key
     ));
-    let listener = TcpListener::bind((config.bind, config.port))
-        .map_err(|err| format!("cannot listen on {}:{}: {err}", config.bind, config.port))?;
+    Ok((recovered, ring))
+}
+
+/// The broker's threads besides the caller's: the pool of connection
+/// workers, the signal waiter, housekeeping and the populate thread.
+struct Threads {
+    pool: Pool<(TcpStream, u64)>,
+    stop: Arc<Stopper>,
+    signals: JoinHandle<()>,
+    housekeeping: JoinHandle<()>,
+    populator: JoinHandle<usize>,
+}
+
+impl Threads {
+    fn start(shared: &Arc<Shared>, listener: &TcpListener) -> Result<Threads, StartError> {
+        let max_clients = shared.config.max_clients;
+        let worker_shared = Arc::clone(shared);
+        let pool = Pool::new(
+            "conn",
+            max_clients,
+            WORKER_STACK,
+            max_clients,
+            move |(stream, id): (TcpStream, u64)| session::serve(&worker_shared, stream, id),
+            // Never reached: the panic policy aborts first.
+            |_| {},
+        )?;
+        let stop = Arc::new(Stopper::default());
+        let signals = spawn_signal_thread(shared, &stop, listener.try_clone()?)?;
+        let housekeeping = spawn_housekeeping(shared, &stop)?;
+        let populate_shared = Arc::clone(shared);
+        let populator = std::thread::Builder::new()
+            .name("populate".into())
+            .stack_size(64 * 1024)
+            .spawn(move || populate_shared.core.populate_queue_when_used())?;
+        Ok(Threads {
+            pool,
+            stop,
+            signals,
+            housekeeping,
+            populator,
+        })
+    }
+
+    /// Joins every thread (the workers have finished their connections).
+    fn stop(mut self, shared: &Shared) {
+        self.pool.shutdown();
+        self.stop.stop();
+        let _ = self.signals.join();
+        let _ = self.housekeeping.join();
+        shared.core.stop_populating();
+        let _ = self.populator.join();
+    }
+}
+
+/// Says `listening on`, accepts until a signal, then closes every
+/// connection: no new ones; every worker blocked in a read is woken (end
+/// of file on its socket) so it answers what it has read, says
+/// `ERROR:Shutting down` and leaves.
+fn serve(
+    shared: &Shared,
+    listener: &TcpListener,
+    pool: &Pool<(TcpStream, u64)>,
+    notifier: &Notifier,
+    http: Option<std::net::SocketAddr>,
+) -> Result<(), StartError> {
     let address = listener.local_addr()?;
-
-    let core_config = CoreConfig {
-        messages_file: config.messages_file.clone(),
-        send_timeout: config.send_timeout.min(MAX_SEND_WAIT),
-        consumer_ttl: config.consumer_ttl,
-        fsync: config.fsync,
-        ack_wait: config.ack_wait,
-        max_ack_pending: config.max_ack_pending,
-    };
-    let core = Core::new(core_config, Arc::clone(log), ring, recovered)?;
-    // The offsets file now matches what recovery decided (clamped cursors,
-    // a repaired file), before anyone is served.
-    core.save_offsets(true)?;
-    let access = auth::Access::new(config.auth_token.clone(), config.protected_mode);
-    let shared = Arc::new(Shared {
-        access,
-        core,
-        config,
-        conns: Mutex::new(HashMap::new()),
-        shutting_down: AtomicBool::new(false),
-        active: AtomicUsize::new(0),
-    });
-
-    // Before the pool exists, so a --http address in use stops the start
-    // with nothing to wind down.
-    let http = match shared.config.http {
-        Some(address) => Some(http::HttpServer::start(&shared, address)?),
-        None => None,
-    };
-
-    let max_clients = shared.config.max_clients;
-    let worker_shared = Arc::clone(&shared);
-    let panic_shared = Arc::clone(&shared);
-    let mut pool = Pool::new(
-        "conn",
-        max_clients,
-        WORKER_STACK,
-        max_clients,
-        move |(stream, id): (TcpStream, u64)| session::serve(&worker_shared, stream, id),
-        move |text| {
-            panic_shared
-                .core
-                .log
-                .error(format_args!("a connection's worker panicked: {text}"))
-        },
-    )?;
-
-    let stop = Arc::new(Stopper::default());
-    let signals = spawn_signal_thread(&shared, &stop, listener.try_clone()?)?;
-    let housekeeping = spawn_housekeeping(&shared, &stop)?;
-    let populate_shared = Arc::clone(&shared);
-    let populator = std::thread::Builder::new()
-        .name("populate".into())
-        .stack_size(64 * 1024)
-        .spawn(move || populate_shared.core.populate_queue_when_used())?;
-
+    let log = &shared.core.log;
     log.info(format_args!(
         "listening on {address} with {} workers",
         pool.threads()
     ));
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening on {address}");
-    if let Some(http) = &http {
-        log.info(format_args!("http listening on {}", http.address));
-        let _ = writeln!(stdout, "http listening on {}", http.address);
+    if let Some(http) = http {
+        log.info(format_args!("http listening on {http}"));
+        let _ = writeln!(stdout, "http listening on {http}");
     }
     let _ = stdout.flush();
     notify(log, notifier.ready(&format!("listening on {address}")));
 
-    accept_loop(&shared, &listener, &pool);
+    accept_loop(shared, listener, pool);
 
-    // Shutdown: no new connections; wake every worker blocked in a read
-    // (end of file on its socket) so it answers what it has read, says
-    // "ERROR:Shutting down" and leaves.
     shared.shutting_down.store(true, Ordering::Release);
-    drop(listener);
     let open = shared.active.load(Ordering::Acquire);
     log.info(format_args!("shutting down: {open} connection(s) open"));
     notify(
         log,
         notifier.stopping(&format!("shutting down: {open} connection(s) open")),
     );
-    for conn in lock(&shared.conns).values() {
+    for conn in shared.core.conns.all() {
         let _ = os::shutdown_read(&conn.stream);
     }
-    if !wait_for_idle(&shared, SHUTDOWN_GRACE) {
+    if !wait_for_idle(shared, SHUTDOWN_GRACE) {
         // Clients that do not read their replies: close under them.
-        for conn in lock(&shared.conns).values() {
+        for conn in shared.core.conns.all() {
             let _ = os::shutdown(&conn.stream);
         }
-        wait_for_idle(&shared, WRITE_TIMEOUT);
+        wait_for_idle(shared, WRITE_TIMEOUT);
     }
-    pool.shutdown();
-    if let Some(http) = http {
-        http.stop();
-    }
-    stop.stop();
-    let _ = signals.join();
-    let _ = housekeeping.join();
-    shared.core.stop_populating();
-    let _ = populator.join();
+    Ok(())
+}
 
+/// The last fsync, compaction and offsets, then the IPC objects go.
+fn finish(shared: Arc<Shared>, log: &Logger) -> Result<(), StartError> {
     let core = &shared.core;
     let mut clean = true;
     for (what, result) in [
@@ -285,17 +362,10 @@ fn start_and_serve(
         }
     }
     let (held, next_id) = core.summary();
-    drop(pool);
-    let shared = match Arc::try_unwrap(shared) {
-        Ok(shared) => shared,
-        Err(_) => {
-            return Err(StartError(
-                "shutdown: a thread still holds the broker".into(),
-            ));
-        }
+    let Ok(shared) = Arc::try_unwrap(shared) else {
+        return Err(StartError::new("shutdown: a thread still holds the broker"));
     };
-    let ring_removed = shared.core.remove_queue();
-    match ring_removed {
+    match shared.core.remove_queue() {
         Ok(()) => log.info(format_args!(
             "stopped cleanly: {held} message(s) held, next id {next_id}; shared memory and semaphores removed"
         )),
@@ -307,7 +377,7 @@ fn start_and_serve(
     if clean {
         Ok(())
     } else {
-        Err(StartError("shutdown was not clean; see the log".into()))
+        Err(StartError::new("shutdown was not clean; see the log"))
     }
 }
 
@@ -336,7 +406,7 @@ fn lock_messages_file(messages: &std::path::Path) -> Result<std::fs::File, Start
         locked = os::try_lock_exclusive(&file)?;
     }
     if !locked {
-        return Err(StartError(format!(
+        return Err(StartError::new(format!(
             "messages file {} is in use by another broker (it holds {}); \
              stop it or give this broker another messages file",
             messages.display(),
@@ -489,10 +559,10 @@ fn on_service_signal(shared: &Shared, signal: Signal) {
             )),
         },
         Signal::User1 => {
-            let mut line = Vec::new();
-            shared.core.stats_line(&mut line);
-            let text = String::from_utf8_lossy(&line);
-            log.info(format_args!("received SIGUSR1: {}", text.trim_end()));
+            let mut body = Vec::new();
+            crate::protocol::encode_stats(&mut body, &shared.core.stats());
+            let text = String::from_utf8_lossy(&body);
+            log.info(format_args!("received SIGUSR1: OK:STATS:{text}"));
         }
         Signal::User2 => log.info(format_args!("received SIGUSR2: ignored")),
         Signal::Stop(_) => {}
@@ -509,51 +579,77 @@ fn spawn_housekeeping(
         .name("housekeeping".into())
         .stack_size(256 * 1024)
         .spawn(move || {
-            let core = &shared.core;
             let interval = shared.config.fsync_interval;
-            let mut last_sync = Instant::now();
-            let mut last_slow = Instant::now();
             // A shorter --fsync-interval than the tick shortens the tick, down
             // to a floor that keeps housekeeping from spinning.
             let tick = TICK.min(interval).max(MIN_TICK);
-            let mut last_forced_compaction = Instant::now();
+            let mut chores = Housekeeping::new(&shared.core, interval);
             while !stop.sleep(tick) {
-                let sync_due = match core.config.fsync {
-                    FsyncPolicy::Interval => last_sync.elapsed() >= interval,
-                    // Only to retry after a failed fsync: SENDs sync themselves.
-                    FsyncPolicy::Always => core.has_unsynced() && last_sync.elapsed() >= TICK,
-                    FsyncPolicy::Never => false,
-                };
-                if sync_due {
-                    last_sync = Instant::now();
-                    if let Err(err) = core.sync_now() {
-                        core.log.error(format_args!("fsync: {err}"));
-                    }
-                }
-                core.expire_acks();
-                core.flush_pushes(lock(&shared.conns).values());
-                if core.writes_failing()
-                    && last_forced_compaction.elapsed() >= Duration::from_secs(1)
-                {
-                    // Maybe the disk is full: reclaim what consumed records
-                    // take, at once rather than at the usual threshold (once
-                    // a second: it holds the state lock while it writes).
-                    last_forced_compaction = Instant::now();
-                    if let Err(err) = core.compact_if_worth_it(true) {
-                        core.log
-                            .debug(format_args!("compaction while writes fail: {err}"));
-                    }
-                }
-                if last_slow.elapsed() >= Duration::from_secs(1) {
-                    last_slow = Instant::now();
-                    core.expire_cursors();
-                    if let Err(err) = core.save_offsets(false) {
-                        core.log.error(format_args!("saving offsets: {err}"));
-                    }
-                    if let Err(err) = core.compact_if_worth_it(false) {
-                        core.log.error(format_args!("compaction: {err}"));
-                    }
-                }
+                chores.tick();
             }
         })
+}
+
+/// What the housekeeping thread does, and when it last did it.
+struct Housekeeping<'a> {
+    core: &'a Core,
+    fsync_interval: Duration,
+    last_sync: Instant,
+    last_slow: Instant,
+    last_forced_compaction: Instant,
+}
+
+impl Housekeeping<'_> {
+    fn new(core: &Core, fsync_interval: Duration) -> Housekeeping<'_> {
+        let now = Instant::now();
+        Housekeeping {
+            core,
+            fsync_interval,
+            last_sync: now,
+            last_slow: now,
+            last_forced_compaction: now,
+        }
+    }
+
+    fn tick(&mut self) {
+        let core = self.core;
+        // Under `always` SENDs sync themselves; under `never` nobody does.
+        if core.config.fsync == FsyncPolicy::Interval
+            && self.last_sync.elapsed() >= self.fsync_interval
+        {
+            self.last_sync = Instant::now();
+            match core.sync_now() {
+                Ok(()) => core.durability.store_succeeded(&core.log),
+                Err(err) => core.durability.store_failed(
+                    &core.log,
+                    0,
+                    &format_args!("background fsync: {err}"),
+                ),
+            }
+        }
+        core.expire_acks();
+        core.conns.flush_pushes();
+        if core.durability.writes_failing()
+            && self.last_forced_compaction.elapsed() >= Duration::from_secs(1)
+        {
+            // Maybe the disk is full: reclaim what consumed records take, at
+            // once rather than at the usual threshold (once a second: it
+            // holds the state lock while it writes).
+            self.last_forced_compaction = Instant::now();
+            if let Err(err) = core.compact_if_worth_it(true) {
+                core.log
+                    .debug(format_args!("compaction while writes fail: {err}"));
+            }
+        }
+        if self.last_slow.elapsed() >= Duration::from_secs(1) {
+            self.last_slow = Instant::now();
+            core.expire_cursors();
+            if let Err(err) = core.save_offsets(false) {
+                core.log.error(format_args!("saving offsets: {err}"));
+            }
+            if let Err(err) = core.compact_if_worth_it(false) {
+                core.log.error(format_args!("compaction: {err}"));
+            }
+        }
+    }
 }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use super::Shared;
 use super::auth::Gate;
-use super::core::{Conn, Writer, lock};
-use crate::protocol::{self, ErrorCode, Line, LineReader, Request};
+use super::conn::{Conn, Writer};
+use crate::protocol::{self, ErrorCode, Line, LineReader, Reply, Request};
 use crate::sys::os;
 
 /// Size of a connection's read buffer: many pipelined requests per read.
@@ -31,7 +31,7 @@ const MAX_RUN_BYTES: usize = 256 * 1024;
 enum Role {
     None,
     Producer,
-    Consumer(Arc<[u8]>),
+    Consumer,
 }
 
 #[derive(PartialEq, Eq)]
@@ -63,7 +63,7 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
             return;
         }
     };
-    lock(&shared.conns).insert(conn_id, Arc::clone(&conn));
+    shared.core.conns.insert(Arc::clone(&conn));
     shared
         .core
         .counters
@@ -90,13 +90,8 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
     let end = session.run(stream);
     session.finish(&end);
 
-    if let Role::Consumer(key) = &session.role {
-        shared.core.unregister_consumer(&conn, key);
-        shared
-            .core
-            .counters
-            .consumers
-            .fetch_sub(1, Ordering::Relaxed);
+    if let Role::Consumer = &session.role {
+        shared.core.unregister_consumer(&conn);
     }
     if let Role::Producer = session.role {
         shared
@@ -105,7 +100,7 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
             .producers
             .fetch_sub(1, Ordering::Relaxed);
     }
-    lock(&shared.conns).remove(&conn_id);
+    shared.core.conns.remove(conn_id);
     let _ = os::shutdown(&conn.stream);
     shared
         .core
@@ -244,11 +239,12 @@ impl Session<'_> {
         match self.shared.access.gate(first) {
             Gate::Open => None,
             Gate::Accepted => {
-                self.out.extend_from_slice(b"OK:AUTH\n");
+                protocol::encode_reply(&mut self.out, &Reply::Auth);
                 Some(Flow::Continue)
             }
             Gate::Rejected => {
-                ErrorCode::AuthenticationFailed.write_line(&mut self.out);
+                let failed = Reply::error(ErrorCode::AuthenticationFailed);
+                protocol::encode_reply(&mut self.out, &failed);
                 self.shared.core.log.info(format_args!(
                     "connection {}: authentication failed",
                     self.conn.id
@@ -312,10 +308,10 @@ impl Session<'_> {
                     } else {
                         i += contents.len();
                         let stopping = || shared.shutting_down.load(Ordering::Acquire);
-                        core.send_batch(&contents, &mut self.out, &stopping);
+                        core.send_batch(&contents, &mut replies(&mut self.out), &stopping);
                     }
                 }
-                (Request::Ack(_), Role::Consumer(key)) => {
+                (Request::Ack(_), Role::Consumer) => {
                     let mut ids = Vec::new();
                     for line in lines[i..].iter().take(max_run) {
                         let Line::Complete(range) = line else { break };
@@ -324,21 +320,22 @@ impl Session<'_> {
                             _ => break,
                         }
                     }
-                    let key = Arc::clone(key);
-                    core.ack_batch(&key, &ids, &mut self.out);
+                    core.ack_batch(&self.conn, &ids, &mut replies(&mut self.out));
                     i += ids.len();
                 }
-                (Request::Get, Role::Consumer(key)) => {
+                (Request::Get, Role::Consumer) => {
                     let count = lines[i..]
                         .iter()
                         .take(max_run)
                         .take_while(|line| match line {
-                            Line::Complete(range) => self.reader.bytes(range.clone()) == b"GET",
+                            Line::Complete(range) => {
+                                protocol::parse_request(self.reader.bytes(range.clone()))
+                                    == Request::Get
+                            }
                             Line::TooLong => false,
                         })
                         .count();
-                    let key = Arc::clone(key);
-                    core.get_batch(&self.conn, &key, count, &mut self.out);
+                    core.get_batch(&self.conn, count, &mut replies(&mut self.out));
                     i += count;
                 }
                 _ => {
@@ -355,7 +352,7 @@ impl Session<'_> {
     }
 }
 
-/// Every request but a producer's SEND and a consumer's GET.
+/// Every request but a producer's SEND and a consumer's GET and ACK.
 fn handle_one(
     shared: &Shared,
     conn: &Arc<Conn>,
@@ -365,57 +362,68 @@ fn handle_one(
 ) -> Flow {
     let core = &shared.core;
     let registered = !matches!(role, Role::None);
+    let reply = |out: &mut Vec<u8>, reply: Reply<'_>| protocol::encode_reply(out, &reply);
     if !registered && !request.allowed_before_registration() {
-        ErrorCode::NotRegistered.write_line(out);
+        reply(out, Reply::error(ErrorCode::NotRegistered));
         return Flow::Continue;
     }
     match request {
         Request::RegisterProducer | Request::RegisterConsumer { .. } if registered => {
-            ErrorCode::AlreadyRegistered.write_line(out);
+            reply(out, Reply::error(ErrorCode::AlreadyRegistered));
         }
         Request::RegisterProducer => {
             *role = Role::Producer;
             core.counters.producers.fetch_add(1, Ordering::Relaxed);
-            out.extend_from_slice(b"OK:PRODUCER\n");
+            reply(out, Reply::Producer);
             core.log.info(format_args!(
                 "connection {} registered as producer",
                 conn.id
             ));
         }
-        Request::RegisterConsumer { id, ack } => match core.register_consumer(conn, id, ack, out) {
-            Ok(key) => {
-                core.counters.consumers.fetch_add(1, Ordering::Relaxed);
-                *role = Role::Consumer(key);
+        Request::RegisterConsumer { id, ack } => {
+            let registered = core.register_consumer(conn, id, ack, &mut replies(out));
+            match registered {
+                Ok(_) => *role = Role::Consumer,
+                Err(code) => reply(out, Reply::error(code)),
             }
-            Err(code) => code.write_line(out),
-        },
+        }
         Request::Send(_) | Request::Get | Request::Ack(_) => {
             // A producer's SEND and a consumer's GET and ACK are handled in
             // batches; what reaches here is the wrong role.
-            ErrorCode::NotAllowed.write_line(out);
+            reply(out, Reply::error(ErrorCode::NotAllowed));
         }
-        Request::Heartbeat => out.extend_from_slice(b"OK:HEARTBEAT\n"),
-        Request::Stats => core.stats_line(out),
+        Request::Heartbeat => reply(out, Reply::Heartbeat),
+        Request::Stats => {
+            let mut body = Vec::with_capacity(512);
+            protocol::encode_stats(&mut body, &core.stats());
+            reply(out, Reply::Stats(&body));
+        }
         Request::Auth(given) => {
             // A later AUTH is checked like the first; a wrong one closes.
             if !shared.access.check(given) {
-                ErrorCode::AuthenticationFailed.write_line(out);
+                reply(out, Reply::error(ErrorCode::AuthenticationFailed));
                 return Flow::Close;
             }
-            out.extend_from_slice(b"OK:AUTH\n");
+            reply(out, Reply::Auth);
         }
         Request::Quit => {
-            out.extend_from_slice(b"OK:BYE\n");
+            reply(out, Reply::Bye);
             return Flow::Close;
         }
-        Request::Invalid(code) => code.write_line(out),
+        Request::Invalid(code) => reply(out, Reply::error(code)),
     }
     Flow::Continue
 }
 
+/// The sink the core answers into: each typed reply encoded onto `out`.
+fn replies(out: &mut Vec<u8>) -> impl FnMut(Reply<'_>) + '_ {
+    move |reply| protocol::encode_reply(out, &reply)
+}
+
 /// Sets the read timeout if it differs from `current`; returns the new one.
 fn set_timeout(stream: &TcpStream, wanted: Duration, current: Duration) -> Duration {
-    // A zero timeout means "block forever" to std, so never pass it.
+    // std refuses a zero Duration (an error, not "block forever" as a
+    // zero timeval would be to the kernel), so never pass one.
     let wanted = wanted.max(Duration::from_millis(1));
     if wanted == current {
         return current;
