@@ -302,6 +302,11 @@ pub fn run(options: &ConsumerOptions) -> i32 {
                 return 0;
             }
             Ok(Next::Reconnect) => {}
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
+                // The same end as when the stdout watcher sees it first.
+                eprintln!("consumer: the reader of stdout went away; exiting");
+                return EXIT_STDOUT_CLOSED;
+            }
             Err(err) => {
                 eprintln!("consumer: cannot write to stdout: {err}");
                 return 1;

@@ -35,7 +35,11 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Help for the STATS fields we know; any other gets a generic one. Which
 /// fields are counters is the core's word ([`StatValue::Counter`]).
-const HELP: [(&str, &str); 19] = [
+const HELP: [(&str, &str); 20] = [
+    (
+        "auth_failures",
+        "Connections closed with ERROR:Authentication failed since start",
+    ),
     ("stored", "Messages stored since start"),
     ("delivered", "Messages delivered to consumers since start"),
     (

@@ -437,6 +437,8 @@ fn accept_loop(shared: &Shared, listener: &TcpListener, pool: &Pool<(TcpStream, 
             return;
         }
         if let auth::Admission::Refuse(first) = shared.access.admit(peer.ip()) {
+            let counters = &shared.core.counters;
+            counters.auth_failures.fetch_add(1, Ordering::Relaxed);
             if let Some(text) = first {
                 shared.core.log.warn(format_args!("{text}"));
             }

@@ -243,6 +243,8 @@ impl Session<'_> {
                 Some(Flow::Continue)
             }
             Gate::Rejected => {
+                let counters = &self.shared.core.counters;
+                counters.auth_failures.fetch_add(1, Ordering::Relaxed);
                 let failed = Reply::error(ErrorCode::AuthenticationFailed);
                 protocol::encode_reply(&mut self.out, &failed);
                 self.shared.core.log.info(format_args!(
@@ -401,6 +403,7 @@ fn handle_one(
         Request::Auth(given) => {
             // A later AUTH is checked like the first; a wrong one closes.
             if !shared.access.check(given) {
+                core.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
                 reply(out, Reply::error(ErrorCode::AuthenticationFailed));
                 return Flow::Close;
             }

@@ -99,6 +99,10 @@ fn with_a_token_auth_must_come_first() {
     assert_eq!(client.line(), "ERROR:Authentication failed");
     assert_eq!(closed_after(&mut client.stream), "");
     assert!(broker.log_text().contains("authentication failed"));
+    let mut client = broker.connect();
+    client.send(&format!("AUTH:{TOKEN}\nSTATS"));
+    assert_eq!(client.line(), "OK:AUTH");
+    assert_eq!(stat_value(&client.line(), "auth_failures"), 5);
 }
 
 #[test]
