@@ -264,7 +264,23 @@ fn answer(shared: &Shared, mut stream: TcpStream) {
         None => response(400, "text/plain", "bad request\n"),
     };
     let _ = stream.write_all(&reply);
-    let _ = os::shutdown(&stream);
+    linger(&mut stream);
+}
+
+/// Closes gently: says end of reply, then reads and drops what the client
+/// still sends (bounded), because closing with unread bytes would reset
+/// the connection and the client could lose the reply it has not read.
+fn linger(stream: &mut TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 4096];
+    let mut drained = 0;
+    while drained < 64 * 1024 {
+        match stream.read(&mut buf) {
+            Ok(n) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
 }
 
 /// The request head, or `None` if it is too long, too slow or cut off.

@@ -3,6 +3,7 @@
 //! persistence fails, 404 elsewhere, and answers while every client slot
 //! is taken (the listener is not on the pool).
 
+use std::io::{Read, Write};
 use std::process::Command;
 
 use crate::util::*;
@@ -73,6 +74,22 @@ fn metrics_health_and_not_found_over_http() {
     assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
     let (code, _) = curl(&format!("{base}/nothing-here"));
     assert_eq!(code, 404);
+
+    // A client that never finishes its request holds the listener for at
+    // most its timeout; an oversized request head is refused.
+    let address = http_address(&broker);
+    let mut stalled = std::net::TcpStream::connect(&address).unwrap();
+    stalled.write_all(b"GET /metr").unwrap();
+    let (code, _) = curl(&format!("{base}/healthz"));
+    assert_eq!(code, 200);
+    let mut huge = std::net::TcpStream::connect(&address).unwrap();
+    huge.set_read_timeout(Some(WAIT)).unwrap();
+    let mut request = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
+    request.resize(20 * 1024, b'a');
+    let _ = huge.write_all(&request);
+    let mut answer = String::new();
+    let _ = huge.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
 
     // Fill the file past its size limit: SENDs fail, and so does health.
     let body = "h".repeat(1000);
