@@ -31,22 +31,28 @@ build() {
     echo "built: bin/broker bin/producer bin/consumer"
 }
 
-# Makes sure command $1 (from package $2) exists for the tests: installs it
-# with apt when root and possible, otherwise fails naming the package.
-need_tool() {
+# Makes sure command $1 (from Debian package $2) is there for the tests:
+# installs it with apt-get when missing and we are root, and otherwise
+# fails naming the package. Tests never skip for want of a tool.
+ensure_tool() {
     local tool=$1 package=$2
     command -v "$tool" >/dev/null 2>&1 && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing $package (the tests need $tool)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$package" >/dev/null || true
+        echo "tests need $tool: installing the Debian package $package"
+        if ! { apt-get install -y -q "$package" >/dev/null 2>&1 ||
+            { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$package" >/dev/null 2>&1; }; }; then
+            echo "cannot install $package; install it by hand: apt-get install $package" >&2
+            return 1
+        fi
+        command -v "$tool" >/dev/null 2>&1 && return 0
     fi
-    command -v "$tool" >/dev/null 2>&1 && return 0
-    echo "the tests need $tool: install the package $package" >&2
-    exit 1
+    echo "tests need $tool: install the Debian package $package (apt-get install $package)" >&2
+    return 1
 }
 
 run_tests() {
-    need_tool curl curl
+    ensure_tool strace strace
+    ensure_tool curl curl
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
     local log

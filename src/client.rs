@@ -12,9 +12,9 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::broker::auth::Token;
-use crate::config::{UsageError, parse_number};
+use crate::cli::{UsageError, parse_number};
 use crate::protocol::{self, Command, ErrorCode, Line, LineReader, Reply};
+use crate::token::Token;
 
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,7 +32,7 @@ pub const MIN_HEARTBEAT: Duration = Duration::from_millis(500);
 pub const MAX_HEARTBEAT_S: u64 = 3600;
 /// Longest reply line a client accepts: the broker's largest message
 /// size plus the protocol's overhead.
-pub const MAX_REPLY_LINE: usize = crate::config::MAX_MSG_SIZE as usize + protocol::LINE_OVERHEAD;
+pub const MAX_REPLY_LINE: usize = protocol::MAX_MSG_SIZE_LIMIT as usize + protocol::LINE_OVERHEAD;
 
 /// Host and port of the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +139,7 @@ impl CommonArgs {
     /// Reads the value of the shared option `--<name>` (one of
     /// [`OPTIONS`](Self::OPTIONS)).
     pub fn take(&mut self, name: &str, parser: &mut lexopt::Parser) -> Result<(), UsageError> {
-        use crate::config::{number, string};
+        use crate::cli::{number, string};
         match name {
             "host" => self.host = Some(string(parser, "--host")?),
             "port" => self.port = Some(number(parser, "--port", 1, 65535)?),
@@ -226,7 +226,13 @@ impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientError::Io(err) => write!(f, "{err}"),
-            ClientError::Refused(code) => write!(f, "broker said ERROR:{}", code.text()),
+            ClientError::Refused(code) => {
+                write!(
+                    f,
+                    "broker said {}",
+                    protocol::reply_text(&Reply::error(*code))
+                )
+            }
             ClientError::Protocol(text) => write!(f, "unexpected reply: {text}"),
         }
     }

@@ -3,42 +3,20 @@
 //!
 //! Parsing never exits the process: it returns [`Parsed`] or a
 //! [`UsageError`] whose `Display` is the one-line message the binary prints
-//! before the usage (exit 2). Shared helpers for the clients' command lines
-//! live here too, so all three programs word their errors alike.
+//! before the usage (exit 2). The helpers all three programs share live in
+//! [`crate::cli`], so they word their errors alike.
 
 use std::ffi::OsString;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub use crate::cli::{Parsed, UsageError, number, parse_number, string};
+pub use crate::protocol::MAX_MSG_SIZE_LIMIT as MAX_MSG_SIZE;
+
 use crate::log::Level;
 use crate::store::FsyncPolicy;
-
-/// A bad command line: the one-line message to print before the usage.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageError(pub String);
-
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<lexopt::Error> for UsageError {
-    fn from(err: lexopt::Error) -> UsageError {
-        UsageError(err.to_string())
-    }
-}
-
-/// What a command line asks for.
-#[derive(Debug)]
-pub enum Parsed<T> {
-    Run(T),
-    Help,
-    Version,
-}
 
 /// Everything the broker is started with.
 #[derive(Debug, Clone)]
@@ -64,7 +42,7 @@ pub struct BrokerConfig {
     /// `--auth-token-file`: where the token is (read by the binary).
     pub auth_token_file: Option<PathBuf>,
     /// The token read from it: connections must send `AUTH:<token>` first.
-    pub auth_token: Option<crate::broker::auth::Token>,
+    pub auth_token: Option<crate::token::Token>,
     /// Without a token, serve loopback peers only (off with
     /// `--no-protected-mode`).
     pub protected_mode: bool,
@@ -113,8 +91,6 @@ impl BrokerConfig {
 /// Largest queue capacity: a SysV semaphore counts to 32767 (SEMVMX).
 pub const MAX_CAPACITY: u64 = 32767;
 /// Largest message: one MiB keeps per-connection buffers and the segment
-/// within what a small board has.
-pub const MAX_MSG_SIZE: u64 = 1 << 20;
 /// Most connections at once: one pool thread each.
 pub const MAX_CLIENTS: u64 = 4096;
 
@@ -243,44 +219,6 @@ pub fn parse_broker_args(
     }
     config.messages_file = file;
     Ok(Parsed::Run(config))
-}
-
-/// The option's value as UTF-8 text.
-pub fn string(parser: &mut lexopt::Parser, name: &str) -> Result<String, UsageError> {
-    parser
-        .value()?
-        .into_string()
-        .map_err(|raw| UsageError(format!("invalid value {raw:?} for {name}: not UTF-8")))
-}
-
-/// The option's value as a whole number in `min..=max`.
-pub fn number<T: TryFrom<u64>>(
-    parser: &mut lexopt::Parser,
-    name: &str,
-    min: u64,
-    max: u64,
-) -> Result<T, UsageError> {
-    let text = string(parser, name)?;
-    parse_number(&text, name, min, max)
-}
-
-/// `text` as a whole number in `min..=max`, or an error that quotes it.
-pub fn parse_number<T: TryFrom<u64>>(
-    text: &str,
-    name: &str,
-    min: u64,
-    max: u64,
-) -> Result<T, UsageError> {
-    let bad = || {
-        UsageError(format!(
-            "invalid value '{text}' for {name}: expected a whole number from {min} to {max}"
-        ))
-    };
-    let value: u64 = text.parse().map_err(|_| bad())?;
-    if value < min || value > max {
-        return Err(bad());
-    }
-    T::try_from(value).map_err(|_| bad())
 }
 
 fn seconds(parser: &mut lexopt::Parser, name: &str) -> Result<Duration, UsageError> {

@@ -22,6 +22,7 @@
 #![deny(unsafe_code)]
 
 pub mod broker;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod consumer;
@@ -37,3 +38,5 @@ pub mod queue;
 pub mod store;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod text;
+pub mod token;

@@ -53,7 +53,7 @@ pub const MAX_WINDOW: u64 = 4096;
 const STDIN_AHEAD: usize = 1024;
 /// Longest input line kept: the largest message any broker accepts. A
 /// longer line is reported and skipped, not held in memory.
-const MAX_INPUT_LINE: usize = crate::config::MAX_MSG_SIZE as usize;
+const MAX_INPUT_LINE: usize = protocol::MAX_MSG_SIZE_LIMIT as usize;
 
 #[derive(Debug)]
 struct Message {
@@ -345,8 +345,8 @@ impl Sender {
                     let attempts = self.retry_backoff.attempts();
                     if attempts == 1 || attempts.is_multiple_of(10) {
                         eprintln!(
-                            "producer: broker said ERROR:{}; retrying in {} ms",
-                            String::from_utf8_lossy(text),
+                            "producer: broker said {}; retrying in {} ms",
+                            protocol::reply_text(&Reply::Error(None, text)),
                             wait.as_millis()
                         );
                     }

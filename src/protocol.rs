@@ -11,8 +11,11 @@ use std::ops::Range;
 
 /// Bytes allowed on a line besides the message content (`SEND:`, ids...).
 pub const LINE_OVERHEAD: usize = 64;
-/// Longest consumer id, in bytes.
-pub const MAX_CONSUMER_ID: usize = 64;
+/// The largest `--max-msg-size` any program accepts (1 MiB): it bounds
+/// every line a client reads.
+pub const MAX_MSG_SIZE_LIMIT: u64 = 1 << 20;
+
+pub use crate::text::{MAX_CONSUMER_ID, parse_u64, push_u64, valid_consumer_id};
 
 /// The fixed error texts of the protocol, one variant each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,14 +183,6 @@ fn parse_registration(rest: &[u8]) -> Request<'_> {
     }
 }
 
-/// A consumer id is 1 to 64 bytes of `A-Z a-z 0-9 . _ -`.
-pub fn valid_consumer_id(id: &[u8]) -> bool {
-    (1..=MAX_CONSUMER_ID).contains(&id.len())
-        && id
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 /// Checks a `SEND` content against the message size limit.
 pub fn check_content(content: &[u8], max_msg_size: usize) -> Result<(), ErrorCode> {
     if content.is_empty() {
@@ -197,36 +192,6 @@ pub fn check_content(content: &[u8], max_msg_size: usize) -> Result<(), ErrorCod
     } else {
         Ok(())
     }
-}
-
-/// Parses a decimal `u64` with no sign, no spaces and at most 20 digits.
-pub fn parse_u64(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 20 {
-        return None;
-    }
-    let mut value: u64 = 0;
-    for &b in digits {
-        if !b.is_ascii_digit() {
-            return None;
-        }
-        value = value.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-    }
-    Some(value)
-}
-
-/// Appends `n` in decimal without allocating.
-pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// A reply or push: what the broker encodes with [`encode_reply`] and a
@@ -322,6 +287,15 @@ pub fn encode_reply(out: &mut Vec<u8>, reply: &Reply<'_>) {
         Reply::Other(line) => out.extend_from_slice(line),
     }
     out.push(b'\n');
+}
+
+/// `reply` as text without its newline, for diagnostics that quote what
+/// the broker said.
+pub fn reply_text(reply: &Reply<'_>) -> String {
+    let mut line = Vec::new();
+    encode_reply(&mut line, reply);
+    line.pop();
+    String::from_utf8_lossy(&line).into_owned()
 }
 
 /// Appends `NOTIFY:MESSAGES_AVAILABLE:<count>\n`.

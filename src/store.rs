@@ -24,7 +24,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::disk::Disk;
-use crate::protocol::{parse_u64, push_u64, valid_consumer_id};
+use crate::text::{parse_u64, push_u64, valid_consumer_id};
 
 /// When the messages file is fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,8 +7,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use mensajeria::cli::{UsageError, number, string};
 use mensajeria::client::{CommonArgs, Endpoint};
-use mensajeria::config::{UsageError, number, string};
 use mensajeria::consumer::{self, ConsumerOptions, DEFAULT_WINDOW};
 use mensajeria::protocol::valid_consumer_id;
 

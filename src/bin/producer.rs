@@ -7,8 +7,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use mensajeria::cli::{UsageError, number};
 use mensajeria::client::{CommonArgs, Endpoint};
-use mensajeria::config::{UsageError, number};
 use mensajeria::producer::{self, DEFAULT_WINDOW, MAX_WINDOW, ProducerOptions};
 
 const USAGE: &str = "\
@@ -70,7 +70,12 @@ fn parse() -> Result<Option<ProducerOptions>, UsageError> {
                 options.window = number(&mut parser, "--window", 1, MAX_WINDOW)?
             }
             Short('s') | Long("size") => {
-                options.size = number(&mut parser, "--size", 1, mensajeria::config::MAX_MSG_SIZE)?
+                options.size = number(
+                    &mut parser,
+                    "--size",
+                    1,
+                    mensajeria::protocol::MAX_MSG_SIZE_LIMIT,
+                )?
             }
             Long("print-ids") => options.print_ids = true,
             Short('h') | Long("help") => {

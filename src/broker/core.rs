@@ -702,3 +702,7 @@ impl Core {
         (inner.state.held(), inner.state.next_id())
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -29,6 +29,7 @@ use super::conn::lock;
 use super::state::Snapshot;
 use crate::disk::Disk;
 use crate::log::Logger;
+use crate::protocol::{self, ErrorCode, Reply};
 use crate::store::{self, FsyncPolicy, Offsets, SavedCursor};
 
 /// How often a continuing streak of persistence failures is logged.
@@ -218,8 +219,8 @@ impl Durability {
             state.written = state.synced;
             state.failed = None;
             log.warn(format_args!(
-                "fsync failed: messages after id {} were answered ERROR:Persistence failure \
-                 and cut from the messages file; taking messages again",
+                "fsync failed: messages after id {} were refused and cut from the messages \
+                 file; taking messages again",
                 state.synced.0
             ));
         } else {
@@ -283,7 +284,8 @@ impl Durability {
         match &mut *streak {
             None => {
                 log.error(format_args!(
-                    "cannot store messages: {err}; answering ERROR:Persistence failure until writes succeed"
+                    "cannot store messages: {err}; answering {} until writes succeed",
+                    protocol::reply_text(&Reply::error(ErrorCode::PersistenceFailure))
                 ));
                 *streak = Some((now, messages as u64, now));
             }

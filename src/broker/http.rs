@@ -38,17 +38,17 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const HELP: [(&str, &str); 20] = [
     (
         "auth_failures",
-        "Connections closed with ERROR:Authentication failed since start",
+        "Connections closed for a wrong or missing token, or by protected mode, since start",
     ),
     ("stored", "Messages stored since start"),
     ("delivered", "Messages delivered to consumers since start"),
     (
         "queue_full",
-        "SENDs refused with ERROR:Queue full since start",
+        "SENDs refused because the queue was full, since start",
     ),
     (
         "persistence_failures",
-        "SENDs refused with ERROR:Persistence failure since start",
+        "SENDs refused because storing failed, since start",
     ),
     (
         "fsync_failures",
@@ -61,12 +61,9 @@ const HELP: [(&str, &str); 20] = [
     ),
     (
         "refused_full",
-        "Connections refused with ERROR:Server is full since start",
+        "Connections refused because every client slot was taken, since start",
     ),
-    (
-        "idle_drops",
-        "Connections closed with ERROR:Idle timeout since start",
-    ),
+    ("idle_drops", "Connections closed for idleness since start"),
     ("messages", "Messages held in the queue"),
     ("capacity", "Messages the queue can hold"),
     ("next_id", "Id the next stored message gets"),
@@ -119,7 +116,7 @@ pub fn prometheus(stats: &[(&str, StatValue<'_>)]) -> String {
             }
         };
         let help = HELP.iter().find(|(k, _)| k == key).map_or_else(
-            || format!("STATS field {key}"),
+            || format!("Broker statistic {key}"),
             |(_, help)| help.to_string(),
         );
         let name = metric_name(key, kind == "counter");
@@ -328,7 +325,7 @@ fn health(shared: &Shared) -> Option<&'static str> {
     if shared.shutting_down.load(Ordering::Acquire) {
         Some("shutting down")
     } else if shared.core.durability.writes_failing() {
-        Some("persistence failing: SENDs are answered ERROR:Persistence failure (see the log)")
+        Some("persistence failing: messages are refused until storing works again (see the log)")
     } else {
         None
     }
@@ -383,7 +380,7 @@ mod tests {
             ("", StatValue::Counter(1)),
             ("odd", StatValue::Text("a\"b")),
         ]);
-        assert!(later.contains("# HELP mensajeria_new_thing STATS field new_thing\n"));
+        assert!(later.contains("# HELP mensajeria_new_thing Broker statistic new_thing\n"));
         assert!(
             !later.contains("bad") && !later.contains("mensajeria__total"),
             "{later}"

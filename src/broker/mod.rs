@@ -14,6 +14,7 @@ mod core;
 mod cursor;
 mod durability;
 mod http;
+mod panic;
 mod recovery;
 mod session;
 mod state;
@@ -133,6 +134,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     service::block_service_signals()?;
     os::ignore_file_size_signal();
     let log = Arc::new(Logger::open(&config.log_file, config.log_level)?);
+    panic::install(Arc::clone(&log));
     log.info(format_args!(
         "starting broker pid {}: messages file {}, capacity {}, max message {} bytes, fsync {}",
         os::pid(),
@@ -561,10 +563,13 @@ fn on_service_signal(shared: &Shared, signal: Signal) {
             )),
         },
         Signal::User1 => {
+            // The same line a STATS request gets.
             let mut body = Vec::new();
             crate::protocol::encode_stats(&mut body, &shared.core.stats());
-            let text = String::from_utf8_lossy(&body);
-            log.info(format_args!("received SIGUSR1: OK:STATS:{text}"));
+            let mut line = Vec::new();
+            crate::protocol::encode_reply(&mut line, &crate::protocol::Reply::Stats(&body));
+            let text = String::from_utf8_lossy(&line);
+            log.info(format_args!("received SIGUSR1: {}", text.trim_end()));
         }
         Signal::User2 => log.info(format_args!("received SIGUSR2: ignored")),
         Signal::Stop(_) => {}

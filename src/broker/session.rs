@@ -256,11 +256,9 @@ impl Session<'_> {
         }
     }
 
+    /// Answers a batch of lines; runs of SENDs, ACKs and GETs go to the
+    /// core as one call each.
     fn handle(&mut self, lines: &[Line], writer: &mut Writer<'_>) -> Flow {
-        let max_msg_size = self.shared.config.max_msg_size;
-        let max_run = (MAX_RUN_BYTES / (max_msg_size + 32)).max(1);
-        let shared = self.shared;
-        let core = &shared.core;
         let mut i = 0;
         while i < lines.len() {
             if self.out.len() >= OUT_FLUSH && self.flush(writer).is_err() {
@@ -285,72 +283,94 @@ impl Session<'_> {
                 Line::Complete(range) => range.clone(),
             };
             let request = protocol::parse_request(self.reader.bytes(range));
-            match (&request, &self.role) {
-                (Request::Send(content), Role::Producer) => {
-                    let mut contents: Vec<&[u8]> = Vec::new();
-                    for line in &lines[i..] {
-                        let Line::Complete(range) = line else { break };
-                        let Request::Send(content) =
-                            protocol::parse_request(self.reader.bytes(range.clone()))
-                        else {
-                            break;
-                        };
-                        if protocol::check_content(content, max_msg_size).is_err()
-                            || contents.len() >= max_run
-                        {
-                            break;
-                        }
-                        contents.push(content);
-                    }
-                    if contents.is_empty() {
-                        if let Err(code) = protocol::check_content(content, max_msg_size) {
-                            code.write_line(&mut self.out);
-                        }
-                        i += 1;
-                    } else {
-                        i += contents.len();
-                        let stopping = || shared.shutting_down.load(Ordering::Acquire);
-                        core.send_batch(&contents, &mut replies(&mut self.out), &stopping);
-                    }
-                }
-                (Request::Ack(_), Role::Consumer) => {
-                    let mut ids = Vec::new();
-                    for line in lines[i..].iter().take(max_run) {
-                        let Line::Complete(range) = line else { break };
-                        match protocol::parse_request(self.reader.bytes(range.clone())) {
-                            Request::Ack(id) => ids.push(id),
-                            _ => break,
-                        }
-                    }
-                    core.ack_batch(&self.conn, &ids, &mut replies(&mut self.out));
-                    i += ids.len();
-                }
-                (Request::Get, Role::Consumer) => {
-                    let count = lines[i..]
-                        .iter()
-                        .take(max_run)
-                        .take_while(|line| match line {
-                            Line::Complete(range) => {
-                                protocol::parse_request(self.reader.bytes(range.clone()))
-                                    == Request::Get
-                            }
-                            Line::TooLong => false,
-                        })
-                        .count();
-                    core.get_batch(&self.conn, count, &mut replies(&mut self.out));
-                    i += count;
-                }
+            i += match (&request, &self.role) {
+                (Request::Send(_), Role::Producer) => self.send_run(&lines[i..]),
+                (Request::Ack(_), Role::Consumer) => self.ack_run(&lines[i..]),
+                (Request::Get, Role::Consumer) => self.get_run(&lines[i..]),
                 _ => {
-                    i += 1;
-                    let flow =
-                        handle_one(shared, &self.conn, &mut self.role, &mut self.out, request);
-                    if flow == Flow::Close {
+                    let (shared, conn) = (self.shared, &self.conn);
+                    if handle_one(shared, conn, &mut self.role, &mut self.out, request)
+                        == Flow::Close
+                    {
                         return Flow::Close;
                     }
+                    1
                 }
-            }
+            };
         }
         Flow::Continue
+    }
+
+    /// Most requests one core call answers, so one batch cannot build a
+    /// reply buffer much past [`OUT_FLUSH`].
+    fn max_run(&self) -> usize {
+        (MAX_RUN_BYTES / (self.shared.config.max_msg_size + 32)).max(1)
+    }
+
+    /// Stores the run of valid SENDs at the start of `lines` (or answers
+    /// the first one's error). Returns how many lines it answered.
+    fn send_run(&mut self, lines: &[Line]) -> usize {
+        let max_msg_size = self.shared.config.max_msg_size;
+        let mut contents: Vec<&[u8]> = Vec::new();
+        for line in lines.iter().take(self.max_run()) {
+            match request_at(&self.reader, line) {
+                Some(Request::Send(content))
+                    if protocol::check_content(content, max_msg_size).is_ok() =>
+                {
+                    contents.push(content)
+                }
+                _ => break,
+            }
+        }
+        if contents.is_empty() {
+            if let Some(Request::Send(content)) = request_at(&self.reader, &lines[0])
+                && let Err(code) = protocol::check_content(content, max_msg_size)
+            {
+                code.write_line(&mut self.out);
+            }
+            return 1;
+        }
+        let shared = self.shared;
+        let stopping = || shared.shutting_down.load(Ordering::Acquire);
+        shared
+            .core
+            .send_batch(&contents, &mut replies(&mut self.out), &stopping);
+        contents.len()
+    }
+
+    /// Answers the run of ACKs at the start of `lines`.
+    fn ack_run(&mut self, lines: &[Line]) -> usize {
+        let ids: Vec<Option<u64>> = lines
+            .iter()
+            .take(self.max_run())
+            .map_while(|line| match request_at(&self.reader, line) {
+                Some(Request::Ack(id)) => Some(id),
+                _ => None,
+            })
+            .collect();
+        let core = &self.shared.core;
+        core.ack_batch(&self.conn, &ids, &mut replies(&mut self.out));
+        ids.len()
+    }
+
+    /// Answers the run of GETs at the start of `lines`.
+    fn get_run(&mut self, lines: &[Line]) -> usize {
+        let count = lines
+            .iter()
+            .take(self.max_run())
+            .take_while(|line| request_at(&self.reader, line) == Some(Request::Get))
+            .count();
+        let core = &self.shared.core;
+        core.get_batch(&self.conn, count, &mut replies(&mut self.out));
+        count
+    }
+}
+
+/// The request on `line`, if it is a complete line.
+fn request_at<'b>(reader: &'b LineReader, line: &Line) -> Option<Request<'b>> {
+    match line {
+        Line::Complete(range) => Some(protocol::parse_request(reader.bytes(range.clone()))),
+        Line::TooLong => None,
     }
 }
 

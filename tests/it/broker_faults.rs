@@ -79,3 +79,99 @@ fn a_failing_write_answers_persistence_failure_and_recovers_by_itself() {
         .producer()
         .expect("SEND:after", &format!("OK:MSG_ID:{next}"));
 }
+
+/// A process of ours that is killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether every thread of `pid` is traced.
+fn fully_traced(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("status")).is_ok_and(|status| {
+            status
+                .lines()
+                .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+        })
+    })
+}
+
+/// `strace -e inject=` makes the real broker's second `fdatasync` from now
+/// fail with EIO, under `--fsync always`. Rule: a SEND answered `ERROR:`
+/// is never delivered and never found after a restart; one answered `OK:`
+/// is on disk. (`./build.sh test` installs strace; without it this test
+/// fails, naming the package.)
+#[test]
+fn an_fdatasync_eio_in_the_real_process_is_never_a_lie() {
+    let which = std::process::Command::new("strace").arg("-V").output();
+    assert!(
+        which.is_ok_and(|o| o.status.success()),
+        "this test needs strace: apt-get install -y strace (./build.sh test does it)"
+    );
+    let dir = TestDir::new("faults-strace");
+    let mut broker = Broker::start(&dir, &["--fsync", "always"]);
+    let mut producer = broker.producer();
+    producer.expect("SEND:before", "OK:MSG_ID:1");
+    let pid = broker.pid().to_string();
+    let strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid])
+        .args([
+            "-e",
+            "trace=fdatasync",
+            "-e",
+            "inject=fdatasync:error=EIO:when=2",
+        ])
+        .spawn()
+        .expect("start strace");
+    let _strace = KillOnDrop(strace);
+    eventually("strace to attach to every thread", || {
+        fully_traced(broker.pid())
+    });
+    let mut acknowledged = vec!["before".to_string()];
+    let mut refused = Vec::new();
+    for n in 1..=6 {
+        let content = format!("m{n}");
+        producer.send(&format!("SEND:{content}"));
+        let reply = producer.reply();
+        if reply.starts_with("OK:MSG_ID:") {
+            acknowledged.push(content);
+        } else {
+            assert_eq!(reply, "ERROR:Persistence failure");
+            refused.push(content);
+        }
+    }
+    assert_eq!(refused, ["m2"], "the second fdatasync failed, and only it");
+    assert_eq!(broker.stat("fsync_failures"), 1);
+
+    // Delivered: exactly the acknowledged ones, in order.
+    let mut consumer = broker.consumer("c");
+    let mut delivered = Vec::new();
+    loop {
+        consumer.send("GET");
+        let reply = consumer.reply();
+        if reply == "ERROR:No messages available" {
+            break;
+        }
+        delivered.push(reply.splitn(3, ':').nth(2).unwrap().to_string());
+    }
+    assert_eq!(delivered, acknowledged);
+
+    // Found after a crash and restart: exactly the acknowledged ones.
+    broker.kill();
+    let file = std::fs::read_to_string(&broker.messages).unwrap();
+    let contents: Vec<&str> = file
+        .lines()
+        .map(|record| record.splitn(4, ':').nth(3).unwrap())
+        .collect();
+    assert_eq!(contents, acknowledged);
+    broker.restart();
+    assert_eq!(broker.stat("next_id"), acknowledged.len() as u64 + 1);
+}

@@ -3,6 +3,8 @@
 
 mod util;
 
+mod architecture;
+
 mod broker_ack;
 mod broker_cli;
 mod broker_faults;
