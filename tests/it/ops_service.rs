@@ -243,3 +243,60 @@ fn build_sh_installs_over_a_running_broker() {
     let status = wait_child(&mut guard.child, WAIT).expect("stops");
     assert!(status.success(), "{status}");
 }
+
+/// The shipped unit and logrotate file say what docs/operations.md
+/// promises; where `systemd-analyze` is installed, it verifies the unit
+/// (with `ExecStart` pointing at the binary under test, and no man page
+/// lookup, since neither is installed on a build machine).
+#[test]
+fn the_systemd_unit_and_logrotate_file_are_complete_and_verify() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("docs/systemd/mensajeria.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "User=mensajeria",
+        "StateDirectory=mensajeria",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=\n",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+    ] {
+        assert!(unit.contains(line), "the unit lacks {line:?}");
+    }
+    let rotate = std::fs::read_to_string(root.join("docs/logrotate/mensajeria")).unwrap();
+    assert!(rotate.contains("HUP") && !rotate.contains("\n    copytruncate"), "{rotate}");
+    let operations = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    for needed in [
+        "### The threat model in a paragraph",
+        "stunnel",
+        "ssh -N -L",
+        "WireGuard",
+        "docs/systemd/mensajeria.service",
+        "/etc/logrotate.d/",
+    ] {
+        assert!(operations.contains(needed), "docs/operations.md lacks {needed:?}");
+    }
+    let dir = TestDir::new("unit");
+    let copy = dir.join("mensajeria.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/broker", bin("broker").to_str().unwrap()),
+    )
+    .unwrap();
+    match std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+    {
+        Ok(output) => assert!(
+            output.status.success() && output.stderr.is_empty(),
+            "systemd-analyze verify: {}",
+            show(&output)
+        ),
+        Err(err) => eprintln!(
+            "systemd-analyze is not installed ({err}): the unit was checked by content only \
+             (install the package systemd to verify it)"
+        ),
+    }
+}
