@@ -191,17 +191,10 @@ pub fn parse_broker_args(
                 })?;
             }
             Long("repair") => config.repair = true,
-            Long("auth-token-file") => config.auth_token_file = Some(parser.value()?.into()),
-            Long("no-protected-mode") => config.protected_mode = false,
-            Long("http") => {
-                let text = string(&mut parser, "--http")?;
-                config.http = Some(text.parse().map_err(|_| {
-                    UsageError(format!(
-                        "invalid value '{text}' for --http: expected IP:PORT, e.g. 127.0.0.1:9100"
-                    ))
-                })?);
+            Long(name @ ("auth-token-file" | "no-protected-mode" | "http" | "inspect")) => {
+                let name = name.to_owned();
+                operator_option(&name, &mut parser, &mut config)?;
             }
-            Long("inspect") => config.inspect = true,
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             Value(value) if file.is_none() => file = Some(value.into()),
@@ -239,6 +232,29 @@ pub fn parse_ipc_key(text: &str) -> Option<i32> {
         None => text.parse::<u32>().ok()?,
     };
     (value != 0).then_some(value as i32)
+}
+
+/// The operator's options (access, monitoring, inspection), apart so the
+/// main parser stays short.
+fn operator_option(
+    name: &str,
+    parser: &mut lexopt::Parser,
+    config: &mut BrokerConfig,
+) -> Result<(), UsageError> {
+    match name {
+        "auth-token-file" => config.auth_token_file = Some(parser.value()?.into()),
+        "no-protected-mode" => config.protected_mode = false,
+        "http" => {
+            let text = string(parser, "--http")?;
+            config.http = Some(text.parse().map_err(|_| {
+                UsageError(format!(
+                    "invalid value '{text}' for --http: expected IP:PORT, e.g. 127.0.0.1:9100"
+                ))
+            })?);
+        }
+        _ => config.inspect = true,
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -298,5 +314,38 @@ mod tests {
         }
         let err = parse(&["--port", "x", "f"]).unwrap_err();
         assert!(err.0.contains("'x'") && err.0.contains("--port"), "{err}");
+    }
+
+    #[test]
+    fn the_operator_s_options() {
+        let Parsed::Run(config) = parse(&["f"]).unwrap() else {
+            panic!()
+        };
+        assert!(config.protected_mode && config.http.is_none() && !config.inspect);
+        let Parsed::Run(config) = parse(&[
+            "--auth-token-file",
+            "t",
+            "--no-protected-mode",
+            "--http",
+            "127.0.0.1:9100",
+            "f",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(config.auth_token_file, Some(PathBuf::from("t")));
+        assert!(!config.protected_mode);
+        assert_eq!(config.http, Some("127.0.0.1:9100".parse().unwrap()));
+        // --inspect needs no messages file.
+        let Parsed::Run(config) = parse(&["--inspect", "--shm-key", "0x10"]).unwrap() else {
+            panic!()
+        };
+        assert!(config.inspect && config.shm_key == 16);
+        let err = parse(&["--http", "9100", "f"]).unwrap_err();
+        assert!(
+            err.0.contains("'9100'") && err.0.contains("--http"),
+            "{err}"
+        );
+        assert!(parse(&["--auth-token-file"]).is_err());
     }
 }

@@ -302,15 +302,7 @@ pub fn run(options: &ConsumerOptions) -> i32 {
                 return 0;
             }
             Ok(Next::Reconnect) => {}
-            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
-                // The same end as when the stdout watcher sees it first.
-                eprintln!("consumer: the reader of stdout went away; exiting");
-                return EXIT_STDOUT_CLOSED;
-            }
-            Err(err) => {
-                eprintln!("consumer: cannot write to stdout: {err}");
-                return 1;
-            }
+            Err(err) => return stdout_failed(&err),
         }
     }
 }
@@ -318,6 +310,17 @@ pub fn run(options: &ConsumerOptions) -> i32 {
 /// Exit status when the reader of stdout went away: what a shell shows
 /// for a program killed by SIGPIPE (128 + 13).
 pub const EXIT_STDOUT_CLOSED: i32 = 141;
+
+/// Says why stdout failed; returns the exit status. A reader that went
+/// away ends the run as when the stdout watcher sees it first.
+fn stdout_failed(err: &io::Error) -> i32 {
+    if err.kind() == io::ErrorKind::BrokenPipe {
+        eprintln!("consumer: the reader of stdout went away; exiting");
+        return EXIT_STDOUT_CLOSED;
+    }
+    eprintln!("consumer: cannot write to stdout: {err}");
+    1
+}
 
 /// Exits the process as soon as nobody reads stdout any more (`consumer |
 /// head -3`), not at the next message, which may be hours away. A thread

@@ -265,7 +265,10 @@ fn the_systemd_unit_and_logrotate_file_are_complete_and_verify() {
         assert!(unit.contains(line), "the unit lacks {line:?}");
     }
     let rotate = std::fs::read_to_string(root.join("docs/logrotate/mensajeria")).unwrap();
-    assert!(rotate.contains("HUP") && !rotate.contains("\n    copytruncate"), "{rotate}");
+    assert!(
+        rotate.contains("HUP") && !rotate.contains("\n    copytruncate"),
+        "{rotate}"
+    );
     let operations = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
     for needed in [
         "### The threat model in a paragraph",
@@ -275,7 +278,10 @@ fn the_systemd_unit_and_logrotate_file_are_complete_and_verify() {
         "docs/systemd/mensajeria.service",
         "/etc/logrotate.d/",
     ] {
-        assert!(operations.contains(needed), "docs/operations.md lacks {needed:?}");
+        assert!(
+            operations.contains(needed),
+            "docs/operations.md lacks {needed:?}"
+        );
     }
     let dir = TestDir::new("unit");
     let copy = dir.join("mensajeria.service");
