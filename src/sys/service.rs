@@ -117,7 +117,12 @@ pub fn wait_output_closed(output: &impl AsRawFd) -> io::Result<()> {
             }
             return Err(err);
         }
-        if pollfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        if pollfd.revents & libc::POLLNVAL != 0 {
+            // Not an open descriptor (started with stdout closed): there
+            // is no reader to lose, so there is nothing to watch.
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        if pollfd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
             return Ok(());
         }
     }
