@@ -55,12 +55,15 @@ run_tests() {
     ensure_tool curl curl
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
-    local log
+    local log status=0
     log="$(mktemp)"
-    # Unit tests, then the integration tests in tests/it (no doc tests:
-    # the crate's examples are not meant to run).
-    cargo test --locked --release --all-targets 2>&1 | tee "$log"
-    local status=${PIPESTATUS[0]}
+    # The unit tests once in the debug profile, so overflow checks and
+    # debug_assert!s run; then everything in release: the unit tests again
+    # and the integration tests in tests/it (no doc tests: the crate's
+    # examples are not meant to run). `|| status=$?` keeps set -e from
+    # ending the script before the totals line when a test fails.
+    cargo test --locked --lib --bins 2>&1 | tee "$log" || status=$?
+    cargo test --locked --release --all-targets 2>&1 | tee -a "$log" || status=$?
     # One closing line with the totals of every test binary.
     awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
          END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

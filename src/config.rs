@@ -50,6 +50,10 @@ pub struct BrokerConfig {
     pub http: Option<SocketAddr>,
     /// `--inspect`: print the live queue under the keys, then exit.
     pub inspect: bool,
+    /// Cursors (consumer ids) the broker keeps at most.
+    pub max_consumers: usize,
+    /// How long a new connection has to register before it is dropped.
+    pub register_timeout: Duration,
 }
 
 impl BrokerConfig {
@@ -79,6 +83,8 @@ impl BrokerConfig {
             protected_mode: true,
             http: None,
             inspect: false,
+            max_consumers: 10_000,
+            register_timeout: Duration::from_secs(10),
         }
     }
 
@@ -93,6 +99,10 @@ pub const MAX_CAPACITY: u64 = 32767;
 /// Largest message: one MiB keeps per-connection buffers and the segment
 /// Most connections at once: one pool thread each.
 pub const MAX_CLIENTS: u64 = 4096;
+/// Most cursors: each costs a map entry and a line in the offsets file,
+/// which is rewritten whole about once a second, so a million is the most
+/// that stays cheap.
+pub const MAX_CONSUMERS: u64 = 1_000_000;
 
 pub const BROKER_USAGE: &str = "\
 usage: broker [OPTIONS] <messages_file>
@@ -125,6 +135,8 @@ options:
       --http ADDR         serve GET /metrics and /healthz on ADDR (e.g. 127.0.0.1:9100) [off]
       --inspect           print the live queue under --shm-key/--sem-key, then exit
                           (no <messages_file> needed)
+      --max-consumers N   cursors (consumer ids) kept at most     [10000]
+      --register-timeout S seconds a new connection has to register [10]
   -h, --help              print this help
   -V, --version           print the version
 ";
@@ -195,6 +207,10 @@ pub fn parse_broker_args(
                 let name = name.to_owned();
                 operator_option(&name, &mut parser, &mut config)?;
             }
+            Long("max-consumers") => config.max_consumers = max_consumers(&mut parser)?,
+            Long("register-timeout") => {
+                config.register_timeout = seconds(&mut parser, "--register-timeout")?
+            }
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             Value(value) if file.is_none() => file = Some(value.into()),
@@ -204,6 +220,15 @@ pub fn parse_broker_args(
     if config.inspect && file.is_none() {
         return Ok(Parsed::Run(config));
     }
+    finish(config, file)
+}
+
+/// The checks that need the whole command line: the messages file is
+/// there, and the sizes fit.
+fn finish(
+    mut config: BrokerConfig,
+    file: Option<PathBuf>,
+) -> Result<Parsed<BrokerConfig>, UsageError> {
     let Some(file) = file else {
         return Err(UsageError("missing <messages_file>".to_string()));
     };
@@ -211,7 +236,47 @@ pub fn parse_broker_args(
         return Err(UsageError("<messages_file> is empty".to_string()));
     }
     config.messages_file = file;
+    check_sizes(&config, isize::MAX as u64)?;
     Ok(Parsed::Run(config))
+}
+
+/// Bytes a connection may hold in buffers besides its line: the read
+/// buffer and the reply buffer before it is flushed (session.rs).
+const CONNECTION_BUFFERS: u64 = 2 * 64 * 1024;
+
+/// Checks, with checked arithmetic, that every size derived from the
+/// options fits in `limit` bytes (the address space: `isize::MAX`, a
+/// parameter so tests can ask what a 32-bit target would say): the shared
+/// memory segment, the longest line, and the buffers of `max_clients`
+/// connections beside the segment. A set that does not fit is a usage
+/// error (exit 2), not a wrapped size at run time.
+pub fn check_sizes(config: &BrokerConfig, limit: u64) -> Result<(), UsageError> {
+    let layout = crate::queue::Layout::within(
+        u64::from(config.capacity),
+        config.max_msg_size as u64,
+        limit,
+    )
+    .map_err(|err| UsageError(err.to_string()))?;
+    let too_big = || {
+        UsageError(format!(
+            "--max-clients {} with --max-msg-size {} and --capacity {} need more memory \
+             than this system's address space ({limit} bytes)",
+            config.max_clients, config.max_msg_size, config.capacity
+        ))
+    };
+    let line = (config.max_msg_size as u64)
+        .checked_add(crate::protocol::LINE_OVERHEAD as u64)
+        .ok_or_else(too_big)?;
+    (config.max_clients as u64)
+        .checked_mul(line.checked_add(CONNECTION_BUFFERS).ok_or_else(too_big)?)
+        .and_then(|buffers| buffers.checked_add(layout.len as u64))
+        .filter(|&total| total <= limit)
+        .ok_or_else(too_big)?;
+    Ok(())
+}
+
+fn max_consumers(parser: &mut lexopt::Parser) -> Result<usize, UsageError> {
+    number(parser, "--max-consumers", 1, MAX_CONSUMERS)
 }
 
 fn seconds(parser: &mut lexopt::Parser, name: &str) -> Result<Duration, UsageError> {
@@ -312,6 +377,16 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
+        for (name, value) in [("--max-consumers", "0"), ("--register-timeout", "0")] {
+            assert!(parse(&[name, value, "f"]).is_err(), "{name} {value}");
+        }
+        let Parsed::Run(config) =
+            parse(&["--max-consumers", "5", "--register-timeout", "3", "f"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(config.max_consumers, 5);
+        assert_eq!(config.register_timeout, Duration::from_secs(3));
         let err = parse(&["--port", "x", "f"]).unwrap_err();
         assert!(err.0.contains("'x'") && err.0.contains("--port"), "{err}");
     }
@@ -347,5 +422,39 @@ mod tests {
             "{err}"
         );
         assert!(parse(&["--auth-token-file"]).is_err());
+    }
+
+    #[test]
+    fn sizes_that_overflow_a_32_bit_address_space_are_refused() {
+        let limit_32 = i32::MAX as u64;
+        let config = |args: &[&str]| {
+            let mut all = args.to_vec();
+            all.push("f");
+            match parse(&all).unwrap() {
+                Parsed::Run(config) => config,
+                _ => panic!(),
+            }
+        };
+        // The armv7 report: 4096 slots of 1048552 + 24 bytes wrap to 2^32.
+        let armv7 = config(&["--capacity", "4096", "--max-msg-size", "1048552"]);
+        let err = check_sizes(&armv7, limit_32).unwrap_err();
+        assert!(err.0.contains("--capacity 4096"), "{err}");
+        // On this (64-bit) system the same options fit.
+        assert!(check_sizes(&armv7, isize::MAX as u64).is_ok());
+        // The defaults fit everywhere; the largest everything does not on 32 bits.
+        assert!(check_sizes(&config(&[]), limit_32).is_ok());
+        let largest = config(&[
+            "--capacity",
+            "32767",
+            "--max-msg-size",
+            "1048576",
+            "--max-clients",
+            "4096",
+        ]);
+        assert!(check_sizes(&largest, limit_32).is_err());
+        let clients = config(&["--max-clients", "4096", "--max-msg-size", "1048576"]);
+        let err = check_sizes(&clients, limit_32).unwrap_err();
+        assert!(err.0.contains("--max-clients 4096"), "{err}");
+        assert!(check_sizes(&largest, u64::MAX >> 1).is_ok());
     }
 }

@@ -23,14 +23,17 @@ pub enum DiskOp {
     Fsync,
     Rename,
     Truncate,
+    /// Unlinking a file (segments: deleting a consumed one).
+    Remove,
 }
 
 impl DiskOp {
-    const ALL: [DiskOp; 4] = [
+    const ALL: [DiskOp; 5] = [
         DiskOp::Write,
         DiskOp::Fsync,
         DiskOp::Rename,
         DiskOp::Truncate,
+        DiskOp::Remove,
     ];
 
     fn index(self) -> usize {
@@ -43,6 +46,7 @@ impl DiskOp {
             DiskOp::Fsync => "fsync",
             DiskOp::Rename => "rename",
             DiskOp::Truncate => "truncate",
+            DiskOp::Remove => "remove",
         }
     }
 }
@@ -51,10 +55,10 @@ impl DiskOp {
 /// and how many fail from there (`u64::MAX`: every one after it).
 #[derive(Debug, Default)]
 pub struct FaultPlan {
-    countdown: [AtomicU64; 4],
-    failures: [AtomicU64; 4],
+    countdown: [AtomicU64; 5],
+    failures: [AtomicU64; 5],
     /// Calls made per operation, failed or not (for tests to count).
-    calls: [AtomicU64; 4],
+    calls: [AtomicU64; 5],
 }
 
 impl FaultPlan {
@@ -158,6 +162,12 @@ impl Disk {
     pub fn truncate(&self, file: &File, len: u64) -> io::Result<()> {
         self.check(DiskOp::Truncate)?;
         file.set_len(len)
+    }
+
+    /// Unlinks `path`.
+    pub fn remove(&self, path: &Path) -> io::Result<()> {
+        self.check(DiskOp::Remove)?;
+        std::fs::remove_file(path)
     }
 }
 

@@ -1,8 +1,9 @@
 //! `broker --inspect`: a look inside a running broker's queue, for an
-//! operator or a learner. It attaches the segment read-only (`SHM_RDONLY`)
-//! and opens the semaphore set, takes the MUTEX for exactly one copy of
-//! the segment (so header and slots are consistent, and the broker waits
-//! no longer than one `memcpy`), and then decodes the copy at leisure.
+//! operator or a learner. It opens the semaphore set, takes the MUTEX for
+//! exactly one copy of the segment, attached read-only (`SHM_RDONLY`) for
+//! that copy only ([`shm::peek`]), so header and slots are consistent and
+//! the broker waits no longer than one `memcpy`; then it decodes the copy
+//! at leisure.
 //!
 //! The decoding ([`describe`]) is a pure function over the copied bytes:
 //! the segment is untrusted input (another process of the same user may
@@ -42,38 +43,64 @@ pub struct Semaphores {
 /// Attaches, copies, describes. `Err` (exit 1) when no segment has
 /// `shm_key` or the system refuses.
 pub fn run(shm_key: i32, sem_key: i32) -> Result<String, String> {
-    let segment = shm::attach_read_only(shm_key)
-        .map_err(|err| format!("cannot attach the segment with key 0x{shm_key:x}: {err}"))?
-        .ok_or_else(|| {
-            format!(
+    let found = shm::inspect(shm_key)
+        .map_err(|err| format!("cannot look up the segment with key 0x{shm_key:x}: {err}"))?;
+    let (id, size, attached, creator_pid) = match found {
+        shm::Existing::None => {
+            return Err(format!(
                 "no shared memory segment has key 0x{shm_key:x}: no broker runs with --shm-key 0x{shm_key:x} \
                  (see ipcs -m; give the running broker's --shm-key and --sem-key)"
-            )
-        })?;
-    let set = sem::open_existing(sem_key)
-        .map_err(|err| format!("cannot open the semaphore set with key 0x{sem_key:x}: {err}"))?;
+            ));
+        }
+        shm::Existing::Orphan {
+            id,
+            size,
+            creator_pid,
+        } => (id, size, 0, creator_pid),
+        shm::Existing::InUse {
+            id,
+            size,
+            attached,
+            creator_pid,
+        } => (id, size, attached, creator_pid),
+    };
+    let set = match sem::inspect(sem_key) {
+        Ok(sem::Existing::None) => None,
+        Ok(_) => Some(sem::SemaphoreSet::open(sem_key).map_err(|err| err.to_string())?),
+        Err(err) => {
+            return Err(format!(
+                "cannot look up the semaphore set 0x{sem_key:x}: {err}"
+            ));
+        }
+    };
     let mut sems = Semaphores {
         key: sem_key,
         id: set.as_ref().map(|set| set.id()),
         ..Semaphores::default()
     };
-    let copy = match set.as_ref().filter(|set| set.len() >= 3) {
-        Some(set) => copy_under_mutex(&segment, set, &mut sems)?,
-        None => segment.copy_all(),
+    let len = usize::try_from(size).unwrap_or(usize::MAX);
+    let copy = match &set {
+        Some(set) if set_has_three(set) => copy_under_mutex(id, len, set, &mut sems)?,
+        _ => shm::peek(id, len).map_err(|err| err.to_string())?,
     };
     let mut text = format!(
-        "segment key 0x{shm_key:x} id {}: {} bytes, {} process(es) attached (this one included), created by pid {}\n",
-        segment.id,
-        segment.len(),
-        segment.attached,
-        segment.creator_pid
+        "segment key 0x{shm_key:x} id {id}: {size} bytes, {attached} process(es) attached \
+         (before this look), created by pid {creator_pid}\n"
     );
     text.push_str(&describe(&copy, &sems));
     Ok(text)
 }
 
+/// Whether the set has MUTEX, EMPTY and FULL (a value for index 2).
+fn set_has_three(set: &sem::SemaphoreSet) -> bool {
+    set.value(2).is_ok()
+}
+
+/// Takes the MUTEX (bounded wait), copies the segment read-only, gives the
+/// MUTEX back: the broker waits for one copy at most.
 fn copy_under_mutex(
-    segment: &shm::ReadOnlySegment,
+    id: i32,
+    len: usize,
     set: &sem::SemaphoreSet,
     sems: &mut Semaphores,
 ) -> Result<Vec<u8>, String> {
@@ -88,11 +115,12 @@ fn copy_under_mutex(
     let locked = set
         .apply(&[take], Some(LOCK_WAIT))
         .map_err(|e| e.to_string())?;
-    let copy = segment.copy_all();
+    let copy = shm::peek(id, len);
     let counts = (value(1), value(2));
     if locked {
         set.apply(&[give], None).map_err(|e| e.to_string())?;
     }
+    let copy = copy.map_err(|err| err.to_string())?;
     sems.values = vec![mutex, counts.0?, counts.1?];
     sems.locked_copy = locked;
     Ok(copy)

@@ -35,6 +35,7 @@ pub mod pool;
 pub mod producer;
 pub mod protocol;
 pub mod queue;
+pub mod segments;
 pub mod store;
 #[allow(unsafe_code)]
 pub mod sys;

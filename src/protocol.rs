@@ -35,11 +35,13 @@ pub enum ErrorCode {
     PersistenceFailure,
     IdleTimeout,
     ShuttingDown,
+    /// A new consumer id past `--max-consumers` (the connection stays open).
+    TooManyConsumers,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::NotRegistered,
         ErrorCode::AlreadyRegistered,
         ErrorCode::InvalidRegistration,
@@ -55,6 +57,7 @@ impl ErrorCode {
         ErrorCode::PersistenceFailure,
         ErrorCode::IdleTimeout,
         ErrorCode::ShuttingDown,
+        ErrorCode::TooManyConsumers,
     ];
 
     /// The text after `ERROR:`.
@@ -75,6 +78,7 @@ impl ErrorCode {
             ErrorCode::PersistenceFailure => "Persistence failure",
             ErrorCode::IdleTimeout => "Idle timeout",
             ErrorCode::ShuttingDown => "Shutting down",
+            ErrorCode::TooManyConsumers => "Too many consumers",
         }
     }
 

@@ -21,12 +21,13 @@
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::log::Logger;
 use crate::sys::os;
-use crate::sys::sem::{self, NOWAIT, Op, SemaphoreSet, UNDO};
-use crate::sys::shm::{self, Segment};
+use crate::sys::sem::{self, NOWAIT, Op, SemaphoreSet};
+use crate::sys::shm::{self, LockError, Region, RegionGuard, Segment};
 
 /// Stamped at offset 0 of the segment: "MQRING01" read as little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MQRING01");
@@ -36,23 +37,18 @@ pub const LAYOUT_VERSION: u64 = 1;
 pub const HEADER_SIZE: usize = 64;
 /// Bytes at the start of every slot: id, timestamp, length.
 pub const SLOT_HEADER: usize = 24;
+/// Semaphores in our set: MUTEX, EMPTY, FULL.
+pub const SEMAPHORES: u64 = 3;
 
 const MUTEX: u16 = 0;
 const EMPTY: u16 = 1;
 const FULL: u16 = 2;
 
-/// Takes the MUTEX; `SEM_UNDO` gives it back if the process dies holding it.
-const TAKE_MUTEX: Op = Op {
-    index: MUTEX,
-    delta: -1,
-    flags: UNDO,
-};
-/// Gives the MUTEX back (and cancels the undo entry of the take).
-const RELEASE_MUTEX: Op = Op {
-    index: MUTEX,
-    delta: 1,
-    flags: UNDO,
-};
+/// How long taking the MUTEX may wait. Only this process takes it, for
+/// microseconds at a time, so a longer wait means another process holds
+/// it (or changed its value): give up with an error instead of hanging a
+/// worker (and shutdown) forever.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 
 // Header field offsets.
 const H_MAGIC: usize = 0;
@@ -64,6 +60,83 @@ const H_HEAD: usize = 40;
 const H_NEXT: usize = 48;
 const H_OWNER: usize = 56;
 
+/// The sizes of a ring, computed once with checked arithmetic: every slot
+/// offset derived from them stays inside `len`, which fits the address
+/// space. See [`Layout::within`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub capacity: u64,
+    pub max_msg_size: usize,
+    pub slot_size: usize,
+    /// Bytes of the whole segment.
+    pub len: usize,
+}
+
+/// Sizes that do not fit: the message names the options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeError(pub String);
+
+impl fmt::Display for SizeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SizeError {}
+
+impl Layout {
+    /// The layout for this process: sizes must fit `isize::MAX` (the most
+    /// a pointer offset may be).
+    pub fn new(capacity: u64, max_msg_size: u64) -> Result<Layout, SizeError> {
+        Layout::within(capacity, max_msg_size, isize::MAX as u64)
+    }
+
+    /// The layout if `capacity` slots for messages of `max_msg_size` bytes
+    /// and the header fit in `limit` bytes (a parameter so that tests can
+    /// ask what a 32-bit target would say).
+    pub fn within(capacity: u64, max_msg_size: u64, limit: u64) -> Result<Layout, SizeError> {
+        let too_big = || {
+            SizeError(format!(
+                "--capacity {capacity} with --max-msg-size {max_msg_size} needs a shared memory \
+                 segment larger than this system's address space ({limit} bytes)"
+            ))
+        };
+        if capacity == 0 || max_msg_size == 0 {
+            return Err(SizeError(
+                "capacity and message size must be positive".into(),
+            ));
+        }
+        let slot = max_msg_size
+            .checked_add(SLOT_HEADER as u64)
+            .and_then(|n| n.checked_next_multiple_of(8))
+            .ok_or_else(too_big)?;
+        let len = slot
+            .checked_mul(capacity)
+            .and_then(|n| n.checked_add(HEADER_SIZE as u64))
+            .filter(|&n| n <= limit)
+            .ok_or_else(too_big)?;
+        let to_usize = |n: u64| usize::try_from(n).map_err(|_| too_big());
+        Ok(Layout {
+            capacity,
+            max_msg_size: to_usize(max_msg_size)?,
+            slot_size: to_usize(slot)?,
+            len: to_usize(len)?,
+        })
+    }
+
+    /// Where the slot of message `id` starts. In bounds by construction:
+    /// `id % capacity < capacity`, and the last slot ends at `len`.
+    fn slot_offset(&self, id: u64) -> usize {
+        // `capacity` fits usize (len does), so the remainder does too.
+        HEADER_SIZE + (id % self.capacity) as usize * self.slot_size
+    }
+}
+
+/// Bytes a slot takes for messages of up to `max_msg_size` bytes.
+pub fn slot_size(max_msg_size: usize) -> usize {
+    (SLOT_HEADER + max_msg_size).div_ceil(8) * 8
+}
+
 /// Why the queue could not be created.
 #[derive(Debug)]
 pub enum QueueError {
@@ -74,6 +147,16 @@ pub enum QueueError {
         option: &'static str,
         detail: String,
     },
+    /// An object under our key that the broker cannot show is its own.
+    Foreign {
+        what: &'static str,
+        key: i32,
+        option: &'static str,
+        found: String,
+        ipcrm: char,
+    },
+    /// The sizes do not fit.
+    Size(SizeError),
     /// A system call failed.
     Io(io::Error),
 }
@@ -91,6 +174,19 @@ impl fmt::Display for QueueError {
                 "a {what} with key 0x{key:x} is in use by a running process ({detail}): \
                  another broker runs with this key; stop it or start this one with {option}"
             ),
+            QueueError::Foreign {
+                what,
+                key,
+                option,
+                found,
+                ipcrm,
+            } => write!(
+                f,
+                "a {what} with key 0x{key:x} exists and is not this broker's ({found}); \
+                 it was left alone. Start the broker with another {option}, or, if you know \
+                 that object is stale, remove it with 'ipcrm -{ipcrm} 0x{key:x}'"
+            ),
+            QueueError::Size(err) => write!(f, "{err}"),
             QueueError::Io(err) => write!(f, "{err}"),
         }
     }
@@ -99,8 +195,9 @@ impl fmt::Display for QueueError {
 impl std::error::Error for QueueError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
+            QueueError::Size(err) => Some(err),
             QueueError::Io(err) => Some(err),
-            QueueError::InUse { .. } => None,
+            _ => None,
         }
     }
 }
@@ -111,84 +208,253 @@ impl From<io::Error> for QueueError {
     }
 }
 
+/// What the broker knows of each message in the ring, in its own memory:
+/// the segment's copy of these is never believed.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotMeta {
+    timestamp: u64,
+    len: usize,
+    checksum: u64,
+}
+
+/// The ring's authoritative state, in process memory.
+#[derive(Debug)]
+struct Local {
+    head: u64,
+    next: u64,
+    /// One entry per slot, for the id `head..next` it holds.
+    slots: Vec<SlotMeta>,
+}
+
 /// The ring: owns the segment and the semaphore set, and removes both when
 /// dropped (a clean shutdown leaves nothing in `ipcs`).
 #[derive(Debug)]
 pub struct Ring {
-    segment: Segment,
-    sems: SemaphoreSet,
-    capacity: u64,
-    slot_size: usize,
-    max_msg_size: usize,
-    removed: std::sync::atomic::AtomicBool,
+    region: Region<Local>,
+    layout: Layout,
+    removed: AtomicBool,
+}
+
+/// What is under our keys, once judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeysChecked {
+    /// An orphaned segment of ours to remove before creating ours.
+    pub orphan_segment: Option<i32>,
+    /// An orphaned set of ours to remove.
+    pub orphan_set: Option<i32>,
 }
 
 /// Looks at the objects under both keys and refuses (with a message naming
-/// the key and its option) if a live process uses either. Touches nothing.
+/// the key and its option) if a live process uses either, or if either is
+/// not provably ours: a segment must carry our magic, layout version and a
+/// size that matches its own header; a set must have our three semaphores
+/// and the id `recorded_set` that our previous run recorded. Touches
+/// nothing.
 pub fn check_keys(
     shm_key: i32,
     sem_key: i32,
-) -> Result<(shm::Existing, sem::Existing), QueueError> {
-    let existing_shm = shm::inspect(shm_key)?;
-    let existing_sem = sem::inspect(sem_key)?;
-    if let shm::Existing::InUse {
-        attached,
-        creator_pid,
-        ..
-    } = existing_shm
-    {
+    recorded_set: Option<i32>,
+) -> Result<KeysChecked, QueueError> {
+    let orphan_segment = check_segment(shm_key)?;
+    let orphan_set = check_set(sem_key, recorded_set)?;
+    Ok(KeysChecked {
+        orphan_segment,
+        orphan_set,
+    })
+}
+
+fn check_segment(key: i32) -> Result<Option<i32>, QueueError> {
+    let (id, size, creator_pid, attached) = match shm::inspect(key)? {
+        shm::Existing::None => return Ok(None),
+        shm::Existing::Orphan {
+            id,
+            size,
+            creator_pid,
+        } => (id, size, creator_pid, 0),
+        shm::Existing::InUse {
+            id,
+            size,
+            attached,
+            creator_pid,
+        } => (id, size, creator_pid, attached),
+    };
+    let found = format!("{size} bytes, created by pid {creator_pid}, {attached} attached");
+    let ours = match is_our_segment(id, size) {
+        // Mapped by this very process: ours, and in use.
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => true,
+        other => other?,
+    };
+    if !ours {
+        return Err(QueueError::Foreign {
+            what: "shared memory segment",
+            key,
+            option: "--shm-key",
+            found: format!("{found}, no broker queue header"),
+            ipcrm: 'M',
+        });
+    }
+    if attached > 0 {
         return Err(QueueError::InUse {
             what: "shared memory segment",
-            key: shm_key,
+            key,
             option: "--shm-key",
             detail: format!("{attached} attached, created by pid {creator_pid}"),
         });
     }
-    if let sem::Existing::InUse { pid, .. } = existing_sem {
+    Ok(Some(id))
+}
+
+/// Whether segment `id` of `size` bytes starts with our header: magic,
+/// version, and a capacity and slot size whose layout is exactly `size`.
+fn is_our_segment(id: i32, size: u64) -> io::Result<bool> {
+    let header = shm::peek(id, HEADER_SIZE)?;
+    if header.len() < HEADER_SIZE {
+        return Ok(false);
+    }
+    let field = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&header[at..at + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    if field(H_MAGIC) != MAGIC || field(H_VERSION) != LAYOUT_VERSION {
+        return Ok(false);
+    }
+    let layout = Layout::new(field(H_CAPACITY), field(H_MAX_MSG));
+    Ok(layout.is_ok_and(|l| l.len as u64 == size && l.slot_size as u64 == field(H_SLOT_SIZE)))
+}
+
+fn check_set(key: i32, recorded: Option<i32>) -> Result<Option<i32>, QueueError> {
+    let (id, nsems, pid) = match sem::inspect(key)? {
+        sem::Existing::None => return Ok(None),
+        sem::Existing::Orphan { id, nsems } => (id, nsems, None),
+        sem::Existing::InUse { id, pid, nsems } => (id, nsems, Some(pid)),
+    };
+    let recorded_text = match recorded {
+        Some(recorded) => format!("the previous run recorded set id {recorded}"),
+        None => "no set id recorded beside the messages file".to_string(),
+    };
+    let user = match pid {
+        Some(pid) => format!("last used by pid {pid}, alive"),
+        None => "its last user is gone".to_string(),
+    };
+    let found = format!("id {id}, {nsems} semaphore(s), {user}; {recorded_text}");
+    if nsems != SEMAPHORES {
+        return Err(QueueError::Foreign {
+            what: "semaphore set",
+            key,
+            option: "--sem-key",
+            found,
+            ipcrm: 'S',
+        });
+    }
+    if let Some(pid) = pid {
         return Err(QueueError::InUse {
             what: "semaphore set",
-            key: sem_key,
+            key,
             option: "--sem-key",
             detail: format!("last used by pid {pid}"),
         });
     }
-    Ok((existing_shm, existing_sem))
+    if recorded != Some(id) {
+        return Err(QueueError::Foreign {
+            what: "semaphore set",
+            key,
+            option: "--sem-key",
+            found,
+            ipcrm: 'S',
+        });
+    }
+    Ok(Some(id))
 }
 
-/// Bytes a slot takes for messages of up to `max_msg_size` bytes.
-pub fn slot_size(max_msg_size: usize) -> usize {
-    (SLOT_HEADER + max_msg_size).div_ceil(8) * 8
+/// A slot that does not hold what the broker put there: another process
+/// wrote over it. The message is still in the messages file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotMismatch {
+    pub key: i32,
+    pub id: u64,
+    pub what: &'static str,
+}
+
+impl fmt::Display for SlotMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "shared memory segment with key 0x{:x}: the slot of message {} does not hold \
+             what the broker stored ({}); another process wrote over it",
+            self.key, self.id, self.what
+        )
+    }
+}
+
+impl std::error::Error for SlotMismatch {}
+
+/// A cheap checksum of a message's content: enough to notice bytes that
+/// another process changed (not a defence against a forger, who could as
+/// well write the messages file).
+fn checksum(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut hash = bytes.len() as u64 ^ K;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        hash = (hash ^ u64::from_le_bytes(word))
+            .wrapping_mul(K)
+            .rotate_left(29);
+    }
+    for &b in chunks.remainder() {
+        hash = (hash ^ u64::from(b)).wrapping_mul(K).rotate_left(29);
+    }
+    hash
+}
+
+fn lock_error(err: LockError, key: i32) -> io::Error {
+    match err {
+        LockError::Io(err) => err,
+        LockError::WouldBlock => io::Error::from(io::ErrorKind::WouldBlock),
+        LockError::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the queue's MUTEX (semaphore key 0x{key:x}) stayed taken for {} s: another \
+                 process holds it or changed it",
+                LOCK_TIMEOUT.as_secs()
+            ),
+        ),
+    }
 }
 
 impl Ring {
     /// Creates the segment and the set under the given keys, after removing
-    /// orphans (objects left by a broker that died) and refusing to touch
-    /// objects that a live process uses. `first_id` is the id the first
-    /// message pushed will have.
+    /// orphans that are provably ours (see [`check_keys`]) and refusing to
+    /// touch anything else. `first_id` is the id the first message pushed
+    /// will have.
     pub fn create(
         shm_key: i32,
         sem_key: i32,
         capacity: u32,
         max_msg_size: usize,
         first_id: u64,
+        recorded_set: Option<i32>,
         log: &Logger,
     ) -> Result<Ring, QueueError> {
+        let layout =
+            Layout::new(u64::from(capacity), max_msg_size as u64).map_err(QueueError::Size)?;
         // Look at both keys before removing anything, so a refusal leaves
         // every object as it was.
-        let (existing_shm, existing_sem) = check_keys(shm_key, sem_key)?;
-        if let shm::Existing::Orphan { id } = existing_shm {
+        let checked = check_keys(shm_key, sem_key, recorded_set)?;
+        if let Some(id) = checked.orphan_segment {
             shm::remove(id)?;
             log.warn(format_args!(
-                "removed an orphaned shared memory segment with key 0x{shm_key:x} (id {id}, no process attached)"
+                "removed an orphaned shared memory segment with key 0x{shm_key:x} (id {id}, our header, no process attached)"
             ));
         }
-        if let sem::Existing::Orphan { id } = existing_sem {
+        if let Some(id) = checked.orphan_set {
             sem::remove(id)?;
             log.warn(format_args!(
-                "removed an orphaned semaphore set with key 0x{sem_key:x} (id {id}, its last user is gone)"
+                "removed an orphaned semaphore set with key 0x{sem_key:x} (id {id}, recorded by our previous run, its last user is gone)"
             ));
         }
-
         let capacity_u16 = u16::try_from(capacity).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -196,22 +462,22 @@ impl Ring {
             )
         })?;
         let sems = SemaphoreSet::create(sem_key, &[1, capacity_u16, 0])?;
-        let slot = slot_size(max_msg_size);
-        let len = HEADER_SIZE + slot * capacity as usize;
-        let segment = match Segment::create(shm_key, len) {
+        let segment = match Segment::create(shm_key, layout.len) {
             Ok(segment) => segment,
             Err(err) => {
                 let _ = sems.remove();
                 return Err(err.into());
             }
         };
+        let local = Local {
+            head: first_id,
+            next: first_id,
+            slots: vec![SlotMeta::default(); capacity as usize],
+        };
         let ring = Ring {
-            segment,
-            sems,
-            capacity: u64::from(capacity),
-            slot_size: slot,
-            max_msg_size,
-            removed: std::sync::atomic::AtomicBool::new(false),
+            region: Region::new(segment, sems, MUTEX, local),
+            layout,
+            removed: AtomicBool::new(false),
         };
         // Take the mutex once now: it stamps our pid on the set, which is
         // how a second broker tells that this set is in use.
@@ -220,35 +486,40 @@ impl Ring {
             (H_MAGIC, MAGIC),
             (H_VERSION, LAYOUT_VERSION),
             (H_CAPACITY, u64::from(capacity)),
-            (H_SLOT_SIZE, slot as u64),
+            (H_SLOT_SIZE, layout.slot_size as u64),
             (H_MAX_MSG, max_msg_size as u64),
             (H_HEAD, first_id),
             (H_NEXT, first_id),
             (H_OWNER, os::pid() as u64),
         ];
         for (offset, value) in header {
-            ring.segment.write_u64(offset, value);
+            guard.inner.write_u64(offset, value);
         }
         guard.unlock()?;
         Ok(ring)
     }
 
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.layout.capacity
     }
 
     pub fn max_msg_size(&self) -> usize {
-        self.max_msg_size
+        self.layout.max_msg_size
     }
 
-    /// Segment and set ids, for logs.
+    /// Segment and set ids, for logs (and for the record beside the data
+    /// that lets the next run recognise an orphaned set as ours).
     pub fn ids(&self) -> (i32, i32) {
-        (self.segment.id(), self.sems.id())
+        (self.region.segment().id(), self.region.sems().id())
     }
 
     /// Bytes of shared memory used.
     pub fn segment_len(&self) -> usize {
-        self.segment.len()
+        self.region.segment().len()
+    }
+
+    fn sems(&self) -> &SemaphoreSet {
+        self.region.sems()
     }
 
     /// Takes up to `want` free slots, waiting until `deadline` for at least
@@ -262,19 +533,17 @@ impl Ring {
         deadline: Instant,
         give_up: &dyn Fn() -> bool,
     ) -> io::Result<usize> {
-        let want = want.min(self.capacity as usize);
+        let want = want.min(self.layout.capacity as usize);
         loop {
-            let free = self.sems.value(EMPTY)? as usize;
+            let free = self.sems().value(EMPTY)? as usize;
             if free > 0 {
                 // Several senders may race for these slots: take them without
                 // waiting, and look again if another sender was faster.
                 let n = want.min(free);
-                let op = Op {
-                    index: EMPTY,
-                    delta: -(n as i16),
-                    flags: NOWAIT,
-                };
-                if self.sems.apply(&[op], None)? {
+                if self
+                    .sems()
+                    .apply(&[count_op(EMPTY, -(n as i64), NOWAIT)], None)?
+                {
                     return Ok(n);
                 }
                 continue;
@@ -283,12 +552,8 @@ impl Ring {
             if left.is_zero() || give_up() {
                 return Ok(0);
             }
-            let op = Op {
-                index: EMPTY,
-                delta: -1,
-                flags: 0,
-            };
-            if self.sems.apply(&[op], Some(left.min(WAIT_SLICE)))? {
+            let op = count_op(EMPTY, -1, 0);
+            if self.sems().apply(&[op], Some(left.min(WAIT_SLICE)))? {
                 return Ok(1);
             }
         }
@@ -297,42 +562,33 @@ impl Ring {
     /// Gives back `n` slots taken by [`reserve`](Self::reserve) and not used.
     pub fn unreserve(&self, n: usize) -> io::Result<()> {
         if n > 0 {
-            self.sems.apply(
-                &[Op {
-                    index: EMPTY,
-                    delta: n as i16,
-                    flags: 0,
-                }],
-                None,
-            )?;
+            self.sems().apply(&[count_op(EMPTY, n as i64, 0)], None)?;
         }
         Ok(())
     }
 
     /// Takes `n` free slots and the MUTEX in one atomic operation, without
-    /// waiting: `None` when fewer than `n` slots are free (nothing taken).
+    /// waiting for slots: `None` when fewer than `n` slots are free
+    /// (nothing taken).
     pub fn lock_reserving(&self, n: usize) -> io::Result<Option<RingGuard<'_>>> {
-        let slots = Op {
-            index: EMPTY,
-            delta: -(n as i16),
-            flags: NOWAIT,
-        };
-        if !self.sems.apply(&[slots, TAKE_MUTEX], None)? {
-            return Ok(None);
+        let slots = count_op(EMPTY, -(n as i64), NOWAIT);
+        match self.region.lock(&[slots], LOCK_TIMEOUT) {
+            Ok(inner) => Ok(Some(self.guard(inner))),
+            Err(LockError::WouldBlock) => Ok(None),
+            Err(err) => Err(lock_error(err, self.sems().key())),
         }
-        Ok(Some(RingGuard {
-            ring: self,
-            released: false,
-        }))
     }
 
     /// Takes the MUTEX; the guard gives access to the slots.
     pub fn lock(&self) -> io::Result<RingGuard<'_>> {
-        self.sems.apply(&[TAKE_MUTEX], None)?;
-        Ok(RingGuard {
-            ring: self,
-            released: false,
-        })
+        match self.region.lock(&[], LOCK_TIMEOUT) {
+            Ok(inner) => Ok(self.guard(inner)),
+            Err(err) => Err(lock_error(err, self.sems().key())),
+        }
+    }
+
+    fn guard<'a>(&'a self, inner: RegionGuard<'a, Local>) -> RingGuard<'a> {
+        RingGuard { ring: self, inner }
     }
 
     /// Backs the whole segment with memory, a megabyte at a time, until
@@ -342,11 +598,12 @@ impl Ring {
     /// were backed (0 where the kernel does not offer it).
     pub fn populate(&self, stop: &dyn Fn() -> bool) -> usize {
         const STEP: usize = 1 << 20;
-        let len = self.segment.len();
+        let segment = self.region.segment();
+        let len = segment.len();
         let mut done = 0;
         while done < len && !stop() {
-            match self.segment.populate(done, STEP) {
-                Ok(true) => done = (done + STEP).min(len),
+            match segment.populate(done, STEP) {
+                Ok(true) => done = done.saturating_add(STEP).min(len),
                 Ok(false) | Err(_) => break,
             }
         }
@@ -356,16 +613,12 @@ impl Ring {
     /// Removes the segment and the set from the system now (clean
     /// shutdown). Dropping the ring does the same, ignoring errors.
     pub fn remove(&self) -> io::Result<()> {
-        if self.removed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if self.removed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let shm = self.segment.remove();
-        let sem = self.sems.remove();
+        let shm = self.region.segment().remove();
+        let sem = self.sems().remove();
         shm.and(sem)
-    }
-
-    fn slot_offset(&self, id: u64) -> usize {
-        HEADER_SIZE + (id % self.capacity) as usize * self.slot_size
     }
 }
 
@@ -375,91 +628,129 @@ impl Drop for Ring {
     }
 }
 
+/// An operation on a count semaphore. Deltas beyond what a semaphore
+/// holds are cut to `i16` (they never are: counts are at most 32767).
+fn count_op(index: u16, delta: i64, flags: i16) -> Op {
+    Op {
+        index,
+        delta: delta.clamp(i64::from(i16::MIN), i64::from(i16::MAX)) as i16,
+        flags,
+    }
+}
+
 /// Holds the MUTEX. Dropping it releases the MUTEX; the `unlock_*` methods
 /// release it together with a count update, in one system call.
-#[derive(Debug)]
 pub struct RingGuard<'a> {
     ring: &'a Ring,
-    released: bool,
+    inner: RegionGuard<'a, Local>,
 }
 
 impl RingGuard<'_> {
-    /// The oldest id held and the id the next message will get.
+    /// The oldest id held and the id the next message will get: the
+    /// broker's own values, never read back from the segment.
     pub fn bounds(&self) -> (u64, u64) {
-        (
-            self.ring.segment.read_u64(H_HEAD),
-            self.ring.segment.read_u64(H_NEXT),
-        )
+        let local = self.inner.local_ref();
+        (local.head, local.next)
     }
 
     /// Stores `contents` as the messages `next..next + n` with `timestamp`,
     /// in slots the caller reserved. Makes them visible with
-    /// [`unlock_pushed`](Self::unlock_pushed).
-    pub fn push(&mut self, timestamp: u64, contents: &[&[u8]]) {
-        let segment = &self.ring.segment;
-        let (head, mut next) = self.bounds();
-        for content in contents {
-            assert!(
-                content.len() <= self.ring.max_msg_size,
-                "message larger than a slot"
-            );
-            assert!(next - head < self.ring.capacity, "push into a full ring");
-            let at = self.ring.slot_offset(next);
-            segment.write_u64(at, next);
-            segment.write_u64(at + 8, timestamp);
-            segment.write_u64(at + 16, content.len() as u64);
-            segment.write(at + SLOT_HEADER, content);
-            next += 1;
+    /// [`unlock_pushed`](Self::unlock_pushed). Refuses (storing nothing) a
+    /// message larger than a slot, or more than the free slots (possible
+    /// only if another process changed the EMPTY count).
+    pub fn push(&mut self, timestamp: u64, contents: &[&[u8]]) -> io::Result<()> {
+        let layout = self.ring.layout;
+        let (head, next) = self.bounds();
+        let used = next - head;
+        let fits = (contents.len() as u64) <= layout.capacity - used;
+        if !fits || contents.iter().any(|c| c.len() > layout.max_msg_size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "queue: {} message(s) do not fit ({used} of {} slots used); \
+                     was the EMPTY semaphore (key 0x{:x}) changed by another process?",
+                    contents.len(),
+                    layout.capacity,
+                    self.ring.sems().key()
+                ),
+            ));
         }
-        segment.write_u64(H_NEXT, next);
+        for (k, content) in contents.iter().enumerate() {
+            let id = next + k as u64;
+            let at = layout.slot_offset(id);
+            self.inner.write_u64(at, id);
+            self.inner.write_u64(at + 8, timestamp);
+            self.inner.write_u64(at + 16, content.len() as u64);
+            self.inner.write(at + SLOT_HEADER, content);
+            let slot = (id % layout.capacity) as usize;
+            self.inner.local().slots[slot] = SlotMeta {
+                timestamp,
+                len: content.len(),
+                checksum: checksum(content),
+            };
+        }
+        let next = next + contents.len() as u64;
+        self.inner.local().next = next;
+        // For `ipcs`-side readers only: never read back.
+        self.inner.write_u64(H_NEXT, next);
+        Ok(())
     }
 
-    /// Timestamp and length of message `id`, which must be held.
+    /// Timestamp and length of message `id`, which must be held: the
+    /// broker's own record, not the segment's.
     pub fn meta(&self, id: u64) -> (u64, usize) {
-        let at = self.checked_slot(id);
-        let segment = &self.ring.segment;
-        (segment.read_u64(at + 8), segment.read_u64(at + 16) as usize)
+        let meta = self.slot_meta(id);
+        (meta.timestamp, meta.len)
     }
 
-    /// Appends the content of message `id` (which must be held) to `out`.
-    pub fn append_content(&self, id: u64, out: &mut Vec<u8>) {
-        let at = self.checked_slot(id);
-        let len = (self.ring.segment.read_u64(at + 16) as usize).min(self.ring.max_msg_size);
-        let old = out.len();
-        out.resize(old + len, 0);
-        self.ring.segment.read(at + SLOT_HEADER, &mut out[old..]);
-    }
-
-    fn checked_slot(&self, id: u64) -> usize {
+    fn slot_meta(&self, id: u64) -> SlotMeta {
         let (head, next) = self.bounds();
         assert!(
             head <= id && id < next,
             "message {id} not held ({head}..{next})"
         );
-        let at = self.ring.slot_offset(id);
-        debug_assert_eq!(self.ring.segment.read_u64(at), id);
-        at
+        self.inner.local_ref().slots[(id % self.ring.layout.capacity) as usize]
+    }
+
+    /// Appends the content of message `id` (which must be held) to `out`,
+    /// after checking the slot against what the broker stored: its id and
+    /// length fields, and the content's checksum. On a mismatch `out` is
+    /// left as it was: serve the message from the messages file.
+    pub fn append_content(&self, id: u64, out: &mut Vec<u8>) -> Result<(), SlotMismatch> {
+        let meta = self.slot_meta(id);
+        let at = self.ring.layout.slot_offset(id);
+        let mismatch = |what| SlotMismatch {
+            key: self.ring.region.segment().key(),
+            id,
+            what,
+        };
+        if self.inner.read_u64(at) != Some(id) {
+            return Err(mismatch("id field"));
+        }
+        if self.inner.read_u64(at + 16) != Some(meta.len as u64) {
+            return Err(mismatch("length field"));
+        }
+        let old = out.len();
+        out.resize(old + meta.len, 0);
+        let copied = self.inner.read(at + SLOT_HEADER, &mut out[old..]);
+        if !copied || checksum(&out[old..]) != meta.checksum {
+            out.truncate(old);
+            return Err(mismatch("content"));
+        }
+        Ok(())
     }
 
     /// Releases the MUTEX together with the count changes `counts`, in one
     /// atomic semop. `Ok(false)` if a `NOWAIT` count change could not be
     /// made (then nothing was done: the MUTEX is still held).
     fn unlock_with(&mut self, counts: &[Op]) -> io::Result<bool> {
-        let mut ops = [RELEASE_MUTEX; 3];
-        ops[1..=counts.len()].copy_from_slice(counts);
-        let done = self.ring.sems.apply(&ops[..=counts.len()], None)?;
-        self.released |= done;
-        Ok(done)
+        self.inner.unlock_with(counts)
     }
 
     /// Releases the MUTEX and counts `pushed` new messages on FULL.
     pub fn unlock_pushed(mut self, pushed: usize) -> io::Result<()> {
-        let full = Op {
-            index: FULL,
-            delta: pushed as i16,
-            flags: 0,
-        };
-        self.unlock_with(&[full]).map(drop)
+        self.unlock_with(&[count_op(FULL, pushed as i64, 0)])
+            .map(drop)
     }
 
     /// Drops the messages before `new_head` from the ring, then releases
@@ -470,24 +761,22 @@ impl RingGuard<'_> {
             head <= new_head && new_head <= next,
             "bad new head {new_head} ({head}..{next})"
         );
-        let freed = (new_head - head) as i16;
-        self.ring.segment.write_u64(H_HEAD, new_head);
-        let full = Op {
-            index: FULL,
-            delta: -freed,
-            flags: NOWAIT,
-        };
-        let empty = Op {
-            index: EMPTY,
-            delta: freed,
-            flags: 0,
-        };
+        let freed = (new_head - head) as i64;
+        self.inner.local().head = new_head;
+        // For `ipcs`-side readers only: never read back.
+        self.inner.write_u64(H_HEAD, new_head);
+        let full = count_op(FULL, -freed, NOWAIT);
+        let empty = count_op(EMPTY, freed, 0);
         if self.unlock_with(&[full, empty])? {
             return Ok(());
         }
-        // FULL lower than the ring says: a bug, but never leave the MUTEX
-        // held (the guard's drop releases it).
-        Err(io::Error::other("semaphore FULL below the ring's count"))
+        // FULL lower than the ring says (another process lowered it): the
+        // slots are free for the broker all the same; never leave the
+        // MUTEX held (the guard's drop releases it).
+        Err(io::Error::other(format!(
+            "semaphore FULL (key 0x{:x}) below the ring's count: changed by another process?",
+            self.ring.sems().key()
+        )))
     }
 
     /// Drops the newest `n` messages (their fsync failed and nobody saw
@@ -496,31 +785,24 @@ impl RingGuard<'_> {
     pub fn unlock_dropping_newest(mut self, n: usize) -> io::Result<()> {
         let (head, next) = self.bounds();
         assert!(n as u64 <= next - head, "drop {n} of {}", next - head);
-        self.ring.segment.write_u64(H_NEXT, next - n as u64);
-        let full = Op {
-            index: FULL,
-            delta: -(n as i16),
-            flags: NOWAIT,
-        };
-        let empty = Op {
-            index: EMPTY,
-            delta: n as i16,
-            flags: 0,
-        };
+        let next = next - n as u64;
+        self.inner.local().next = next;
+        // For `ipcs`-side readers only: never read back.
+        self.inner.write_u64(H_NEXT, next);
+        let full = count_op(FULL, -(n as i64), NOWAIT);
+        let empty = count_op(EMPTY, n as i64, 0);
         if self.unlock_with(&[full, empty])? {
             return Ok(());
         }
-        Err(io::Error::other("semaphore FULL below the ring's count"))
+        Err(io::Error::other(format!(
+            "semaphore FULL (key 0x{:x}) below the ring's count: changed by another process?",
+            self.ring.sems().key()
+        )))
     }
 
     /// Releases the MUTEX and gives back `n` reserved slots not used.
     pub fn unlock_giving_back(mut self, n: usize) -> io::Result<()> {
-        let empty = Op {
-            index: EMPTY,
-            delta: n as i16,
-            flags: 0,
-        };
-        self.unlock_with(&[empty]).map(drop)
+        self.unlock_with(&[count_op(EMPTY, n as i64, 0)]).map(drop)
     }
 
     /// Releases the MUTEX with no count change.
@@ -529,18 +811,10 @@ impl RingGuard<'_> {
     }
 
     /// The header fields a reader checks before trusting the segment:
-    /// magic, layout version, capacity and slot size.
-    pub fn header(&self) -> [u64; 4] {
-        let segment = &self.ring.segment;
-        [H_MAGIC, H_VERSION, H_CAPACITY, H_SLOT_SIZE].map(|offset| segment.read_u64(offset))
-    }
-}
-
-impl Drop for RingGuard<'_> {
-    fn drop(&mut self) {
-        if !self.released {
-            let _ = self.ring.sems.apply(&[RELEASE_MUTEX], None);
-        }
+    /// magic, layout version, capacity and slot size, as the segment has
+    /// them now (untrusted: for inspection and tests).
+    pub fn header(&self) -> [Option<u64>; 4] {
+        [H_MAGIC, H_VERSION, H_CAPACITY, H_SLOT_SIZE].map(|offset| self.inner.read_u64(offset))
     }
 }
 
@@ -561,26 +835,50 @@ mod tests {
         (base, base + 1)
     }
 
+    /// Removes whatever is left under these keys when a test ends, passed
+    /// or failed.
+    struct Cleanup(Vec<i32>);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for &key in &self.0 {
+                if let Ok(shm::Existing::Orphan { id, .. } | shm::Existing::InUse { id, .. }) =
+                    shm::inspect(key)
+                {
+                    let _ = shm::remove(id);
+                }
+                if let Ok(sem::Existing::Orphan { id, .. } | sem::Existing::InUse { id, .. }) =
+                    sem::inspect(key)
+                {
+                    let _ = sem::remove(id);
+                }
+            }
+        }
+    }
+
     #[test]
     fn push_read_release_and_bounded_wait() {
         let (shm_key, sem_key) = keys(1);
+        let _cleanup = Cleanup(vec![shm_key, sem_key]);
         let log = Logger::stderr_only(Level::Error);
-        let ring = Ring::create(shm_key, sem_key, 3, 8, 10, &log).unwrap();
+        let ring = Ring::create(shm_key, sem_key, 3, 8, 10, None, &log).unwrap();
         {
             let guard = ring.lock().unwrap();
             assert_eq!(
                 guard.header(),
-                [MAGIC, LAYOUT_VERSION, 3, slot_size(8) as u64]
+                [MAGIC, LAYOUT_VERSION, 3, slot_size(8) as u64].map(Some)
             );
             guard.unlock().unwrap();
         }
         let deadline = Instant::now() + Duration::from_millis(50);
         assert_eq!(ring.reserve(5, deadline, &|| false).unwrap(), 3);
         let mut guard = ring.lock().unwrap();
-        guard.push(7, &[b"a", b"bb", b"ccc"]);
+        guard.push(7, &[b"a", b"bb", b"ccc"]).unwrap();
         assert_eq!(guard.bounds(), (10, 13));
+        // A fourth does not fit, whatever the semaphores say.
+        assert!(guard.push(7, &[b"d"]).is_err());
         let mut out = Vec::new();
-        guard.append_content(11, &mut out);
+        guard.append_content(11, &mut out).unwrap();
         assert_eq!(out, b"bb");
         assert_eq!(guard.meta(12), (7, 3));
         guard.unlock_pushed(3).unwrap();
@@ -592,7 +890,6 @@ mod tests {
                 .unwrap(),
             0
         );
-        assert!(started.elapsed() >= Duration::from_millis(25));
 
         // Giving up (a shutdown) ends the wait early.
         let started = Instant::now();
@@ -621,19 +918,107 @@ mod tests {
     }
 
     #[test]
-    fn refuses_keys_in_use_and_removes_orphans() {
-        let (shm_key, sem_key) = keys(2);
+    fn a_scribbled_slot_is_reported_never_served_and_bounds_are_our_own() {
+        let (shm_key, sem_key) = keys(3);
+        let _cleanup = Cleanup(vec![shm_key, sem_key]);
         let log = Logger::stderr_only(Level::Error);
-        let ring = Ring::create(shm_key, sem_key, 2, 4, 1, &log).unwrap();
-        let err = Ring::create(shm_key, sem_key, 2, 4, 1, &log).unwrap_err();
+        let ring = Ring::create(shm_key, sem_key, 4, 16, 1, None, &log).unwrap();
+        assert_eq!(ring.reserve(3, Instant::now(), &|| false).unwrap(), 3);
+        let mut guard = ring.lock().unwrap();
+        guard.push(5, &[b"one", b"two", b"three"]).unwrap();
+        let layout = ring.layout;
+        // Another process writes over the header and three slots: an id,
+        // a length of 2^63, a content byte.
+        guard.inner.write_u64(H_HEAD, u64::MAX);
+        guard.inner.write_u64(H_NEXT, 0);
+        guard.inner.write_u64(layout.slot_offset(1), 99);
+        guard.inner.write_u64(layout.slot_offset(2) + 16, 1 << 63);
+        guard
+            .inner
+            .write(layout.slot_offset(3) + SLOT_HEADER, b"\n");
+        assert_eq!(guard.bounds(), (1, 4));
+        for (id, what) in [(1, "id field"), (2, "length field"), (3, "content")] {
+            let mut out = b"MSG:".to_vec();
+            let err = guard.append_content(id, &mut out).unwrap_err();
+            assert_eq!(err.what, what);
+            assert_eq!(out, b"MSG:", "nothing appended for {id}");
+            assert!(err.to_string().contains(&format!("0x{shm_key:x}")), "{err}");
+        }
+        assert_eq!(guard.meta(2), (5, 3));
+        guard.unlock_pushed(3).unwrap();
+    }
+
+    #[test]
+    fn sizes_are_checked_against_the_address_space() {
+        // The armv7 case: 4096 slots of 1048552 + 24 bytes is 2^32 bytes,
+        // which wrapped to a 64-byte segment; with 32-bit limits it is
+        // refused, on 64 bits it fits.
+        let limit_32 = i32::MAX as u64;
+        let err = Layout::within(4096, 1_048_552, limit_32).unwrap_err();
+        assert!(err.0.contains("--capacity 4096"), "{err}");
+        assert!(Layout::within(4096, 1_048_552, usize::MAX as u64).is_ok());
+        assert!(Layout::within(1000, 1024, limit_32).is_ok());
+        for (capacity, size) in [(u64::MAX, 1), (2, u64::MAX), (u64::MAX, u64::MAX), (0, 1)] {
+            assert!(
+                Layout::within(capacity, size, u64::MAX).is_err(),
+                "{capacity} {size}"
+            );
+        }
+        let layout = Layout::within(3, 8, 1 << 20).unwrap();
+        assert_eq!((layout.slot_size, layout.len), (32, 64 + 96));
+        // The last slot ends exactly at the end, for any id.
+        for id in [0, 1, 2, 5, u64::MAX] {
+            assert!(layout.slot_offset(id) + layout.slot_size <= layout.len);
+        }
+    }
+
+    #[test]
+    fn refuses_keys_in_use_and_objects_not_provably_ours() {
+        let (shm_key, sem_key) = keys(2);
+        let mut all = vec![shm_key, sem_key];
+        for offset in [100, 200, 300] {
+            all.extend([shm_key + offset, sem_key + offset]);
+        }
+        let _cleanup = Cleanup(all);
+        let log = Logger::stderr_only(Level::Error);
+        let ring = Ring::create(shm_key, sem_key, 2, 4, 1, None, &log).unwrap();
+        let err = Ring::create(shm_key, sem_key, 2, 4, 1, None, &log).unwrap_err();
         assert!(err.to_string().contains("--shm-key"), "{err}");
-        // An orphan: a segment nobody is attached to.
-        let orphan = Segment::create(shm_key + 100, 64).unwrap();
-        let orphan_id = orphan.id();
-        drop(orphan);
-        let again = Ring::create(shm_key + 100, sem_key + 100, 2, 4, 1, &log).unwrap();
-        assert_ne!(again.ids().0, orphan_id);
-        drop(again);
+        // Another program's orphaned segment, and a set of one semaphore.
+        let foreign = Segment::create(shm_key + 100, 4096).unwrap();
+        drop(foreign);
+        let err = Ring::create(shm_key + 100, sem_key + 100, 2, 4, 1, None, &log).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("4096 bytes") && text.contains("ipcrm -M"),
+            "{text}"
+        );
+        assert!(matches!(
+            shm::inspect(shm_key + 100).unwrap(),
+            shm::Existing::Orphan { .. }
+        ));
+        let set = SemaphoreSet::create(sem_key + 200, &[1]).unwrap();
+        let err = Ring::create(shm_key + 200, sem_key + 200, 2, 4, 1, None, &log).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("1 semaphore(s)") && text.contains("--sem-key"),
+            "{text}"
+        );
+        // A set of three is ours only with the id the last run recorded.
+        let three = SemaphoreSet::create(sem_key + 300, &[1, 1, 0]).unwrap();
+        let checked = check_keys(shm_key + 300, sem_key + 300, Some(three.id()));
+        assert!(
+            matches!(&checked, Ok(c) if c.orphan_set == Some(three.id()))
+                || matches!(&checked, Err(QueueError::InUse { .. })),
+            "{checked:?}"
+        );
+        assert!(check_keys(shm_key + 300, sem_key + 300, Some(three.id() + 1)).is_err());
+        for id in [set.id(), three.id()] {
+            sem::remove(id).unwrap();
+        }
+        if let shm::Existing::Orphan { id, .. } = shm::inspect(shm_key + 100).unwrap() {
+            shm::remove(id).unwrap();
+        }
         drop(ring);
     }
 }

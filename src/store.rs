@@ -62,10 +62,10 @@ impl FsyncPolicy {
 /// Timestamps at or past this are not believed (year 5138): a damaged
 /// digit more likely than a clock that far ahead. Clocks that are behind
 /// (boards without a real-time clock start in 1970) are fine.
-const MAX_TIMESTAMP: u64 = 100_000_000_000;
+pub const MAX_TIMESTAMP: u64 = 100_000_000_000;
 /// Digits allowed in the SIZE field; the value is checked against the
 /// maximum message size too.
-const MAX_SIZE_DIGITS: usize = 7;
+pub const MAX_SIZE_DIGITS: usize = 7;
 
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +207,88 @@ pub struct Scan {
     /// The largest SIZE among the kept records.
     pub kept_max_size: usize,
     pub tail: Tail,
+    /// With a damaged tail: whether a whole record with a later id than
+    /// the last valid one starts somewhere after the damage (at a line
+    /// start). Without one, the damage may be what a power cut leaves
+    /// (see [`power_cut_tail`]).
+    pub records_after_damage: bool,
+}
+
+/// The rule for a power cut (docs/operations.md, "Power cut"): bytes
+/// after the last valid record, with no valid record after them, are a
+/// torn tail when the records kept still reach everything the offsets
+/// file says is durable: its NEXT_ID (`durable_next_id`) is never ahead of
+/// fsynced records, so if the kept records reach `durable_next_id - 1`
+/// (or, with none kept, the offsets' `head` says nothing before it is
+/// needed), whatever followed was never acknowledged under `always` and
+/// never covered by a saved offset. Anything else is damage.
+pub fn power_cut_tail(scan: &Scan, durable_next_id: u64, head: u64) -> bool {
+    if !matches!(scan.tail, Tail::Damaged { .. }) || scan.records_after_damage {
+        return false;
+    }
+    let reached = scan.last_id.unwrap_or(head.saturating_sub(1));
+    reached.saturating_add(1) >= durable_next_id
+}
+
+/// Reads on from damage at the start of `window` (which the scan already
+/// holds; `zeros_from` is where the bad byte is) to the end of the file.
+/// Returns the bytes from the damage to the end, whether they are all
+/// zeros from the bad byte on, and whether a whole record with an id past
+/// `after` starts at a line start in them. Memory is bounded by one
+/// record plus a read chunk.
+fn look_past_damage(
+    mut window: Vec<u8>,
+    zeros_from: usize,
+    mut reader: impl Read,
+    mut eof: bool,
+    max_msg_size: usize,
+    after: Option<u64>,
+) -> Result<(u64, bool, bool), ScanError> {
+    let mut total = window.len() as u64;
+    let mut zeros_only = window[zeros_from.min(window.len())..]
+        .iter()
+        .all(|&b| b == 0);
+    // The first index that may start a record: right after a newline, and
+    // never the damaged record itself at 0.
+    let mut next = 1;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let mut need_more = false;
+        while next < window.len() {
+            if window[next - 1] != b'\n' {
+                next += 1;
+                continue;
+            }
+            match parse_record(&window[next..], max_msg_size) {
+                Parsed::Record { id, .. } if after.is_none_or(|last| id > last) => {
+                    return Ok((total, false, true));
+                }
+                Parsed::Incomplete if !eof => {
+                    need_more = true;
+                    break;
+                }
+                _ => next += 1,
+            }
+        }
+        if eof && !need_more {
+            return Ok((total, zeros_only, false));
+        }
+        // Keep the newline before the next candidate, drop what is done.
+        let keep_from = (next - 1).min(window.len());
+        window.drain(..keep_from);
+        next -= keep_from;
+        let n = loop {
+            match reader.read(&mut chunk) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ScanError::Io(e)),
+            }
+        };
+        eof = n == 0;
+        zeros_only &= chunk[..n].iter().all(|&b| b == 0);
+        total += n as u64;
+        window.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// An error that stops a scan.
@@ -237,6 +319,7 @@ pub fn scan(
         valid_len: 0,
         kept_max_size: 0,
         tail: Tail::Clean,
+        records_after_damage: false,
     };
     loop {
         match parse_record(&buf[start..], max_msg_size) {
@@ -246,34 +329,20 @@ pub fn scan(
                 content,
                 len,
             } => {
-                let bad = if timestamp >= MAX_TIMESTAMP {
-                    Some("timestamp out of range".to_string())
-                } else {
-                    match result.last_id {
-                        Some(last) if id != last + 1 => {
-                            Some(format!("message id {id} does not follow {last}"))
-                        }
-                        _ => None,
-                    }
-                };
-                if let Some(reason) = bad {
-                    result.tail = Tail::Damaged {
-                        offset: file_offset,
+                if let Some(reason) = record_problem(id, timestamp, result.last_id) {
+                    // A record that skips ids is itself one after the damage.
+                    let skips = result.last_id.is_some_and(|last| id > last + 1);
+                    let damage = Damage {
+                        window: buf[start..].to_vec(),
+                        zeros_from: None,
+                        file_offset,
                         reason,
                     };
-                    return Ok(result);
+                    return result.damaged(damage, reader, eof, max_msg_size, skips);
                 }
                 if id >= keep_from && keep_limit > 0 {
-                    if result.kept.len() == keep_limit {
-                        result.kept.pop_front();
-                    }
-                    let bytes = buf[start + content.0..start + content.1].to_vec();
-                    result.kept_max_size = result.kept_max_size.max(bytes.len());
-                    result.kept.push_back(Record {
-                        id,
-                        timestamp,
-                        content: bytes,
-                    });
+                    let bytes = &buf[start + content.0..start + content.1];
+                    result.keep(id, timestamp, bytes, keep_limit);
                 }
                 result.first_id.get_or_insert(id);
                 result.last_id = Some(id);
@@ -284,17 +353,7 @@ pub fn scan(
             Parsed::Incomplete if !eof => {
                 buf.drain(..start);
                 start = 0;
-                let old = buf.len();
-                buf.resize(old + chunk, 0);
-                let n = loop {
-                    match reader.read(&mut buf[old..]) {
-                        Ok(n) => break n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(ScanError::Io(e)),
-                    }
-                };
-                buf.truncate(old + n);
-                eof = n == 0;
+                eof = read_chunk(&mut reader, &mut buf, chunk)?;
             }
             Parsed::Incomplete => {
                 let rest = (buf.len() - start) as u64;
@@ -304,32 +363,100 @@ pub fn scan(
                 return Ok(result);
             }
             Parsed::Invalid { reason, at } => {
-                // Zeros from the bad byte to the end of the file are what a
-                // crash leaves after a torn write; anything else is damage.
-                let mut zeros_only = buf[start + at..].iter().all(|&b| b == 0);
-                let mut rest = (buf.len() - start) as u64;
-                let mut spare = [0u8; 8192];
-                while zeros_only && !eof {
-                    let n = match reader.read(&mut spare) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(ScanError::Io(e)),
-                    };
-                    eof = n == 0;
-                    zeros_only = spare[..n].iter().all(|&b| b == 0);
-                    rest += n as u64;
-                }
-                result.tail = if zeros_only {
-                    Tail::Torn { bytes: rest }
-                } else {
-                    Tail::Damaged {
-                        offset: file_offset,
-                        reason: reason.to_string(),
-                    }
+                let damage = Damage {
+                    window: buf[start..].to_vec(),
+                    zeros_from: Some(at),
+                    file_offset,
+                    reason: reason.to_string(),
                 };
-                return Ok(result);
+                return result.damaged(damage, reader, eof, max_msg_size, false);
             }
         }
+    }
+}
+
+/// Appends up to `chunk` bytes from `reader` to `buf`; true at the end.
+fn read_chunk(reader: &mut impl Read, buf: &mut Vec<u8>, chunk: usize) -> Result<bool, ScanError> {
+    let old = buf.len();
+    buf.resize(old + chunk, 0);
+    let n = loop {
+        match reader.read(&mut buf[old..]) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ScanError::Io(e)),
+        }
+    };
+    buf.truncate(old + n);
+    Ok(n == 0)
+}
+
+/// Why a whole record cannot follow the last valid one, if it cannot.
+fn record_problem(id: u64, timestamp: u64, last: Option<u64>) -> Option<String> {
+    if timestamp >= MAX_TIMESTAMP {
+        return Some("timestamp out of range".to_string());
+    }
+    match last {
+        Some(last) if id != last + 1 => Some(format!("message id {id} does not follow {last}")),
+        _ => None,
+    }
+}
+
+/// Where a scan met something that is not the next record.
+struct Damage {
+    /// The bytes from the bad record on that the scan holds.
+    window: Vec<u8>,
+    /// Where in `window` the first bad byte is, if zeros from there on
+    /// would make it a torn tail.
+    zeros_from: Option<usize>,
+    file_offset: u64,
+    reason: String,
+}
+
+impl Scan {
+    /// Ends the scan at `damage`: zeros from the bad byte to the end of the
+    /// file are what a crash leaves after a torn write (a torn tail);
+    /// anything else is damage, which may still be a power cut's (see
+    /// [`power_cut_tail`]) unless a record follows it.
+    fn damaged(
+        mut self,
+        damage: Damage,
+        reader: impl Read,
+        eof: bool,
+        max_msg_size: usize,
+        record_follows: bool,
+    ) -> Result<Scan, ScanError> {
+        let zeros_from = damage.zeros_from.unwrap_or(usize::MAX);
+        let (rest, zeros_only, after) = look_past_damage(
+            damage.window,
+            zeros_from,
+            reader,
+            eof,
+            max_msg_size,
+            self.last_id,
+        )?;
+        if zeros_only && damage.zeros_from.is_some() {
+            self.tail = Tail::Torn { bytes: rest };
+        } else {
+            self.records_after_damage = after || record_follows;
+            self.tail = Tail::Damaged {
+                offset: damage.file_offset,
+                reason: damage.reason,
+            };
+        }
+        Ok(self)
+    }
+
+    /// Keeps a record, dropping the oldest kept past `limit`.
+    fn keep(&mut self, id: u64, timestamp: u64, content: &[u8], limit: usize) {
+        if self.kept.len() == limit {
+            self.kept.pop_front();
+        }
+        self.kept_max_size = self.kept_max_size.max(content.len());
+        self.kept.push_back(Record {
+            id,
+            timestamp,
+            content: content.to_vec(),
+        });
     }
 }
 
@@ -496,16 +623,65 @@ fn write_new_file(disk: &Disk, path: &Path, bytes: &[u8]) -> io::Result<File> {
     Ok(file)
 }
 
-/// Creates `path` empty, mode 0600, open for reading and writing.
+/// Creates `path` empty, mode 0600, open for reading and writing. A file
+/// left there by a crash (or planted as a symbolic link) is removed first:
+/// it would keep its own mode, so the result is 0600 whatever was there.
 fn create_private(path: &Path) -> io::Result<File> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(context(e, "remove", path)),
+        _ => {}
+    }
     OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(|e| context(e, "create", path))
+}
+
+/// Makes the file at `path` (or the file a symbolic link there points to)
+/// mode 0600 if anyone but its owner may read or write it. Returns the
+/// mode it had when it had to be changed (the caller logs a warning), and
+/// `None` when it was private already or does not exist.
+pub fn make_private(path: &Path) -> io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match fs::metadata(path) {
+        Ok(meta) => meta.permissions().mode() & 0o7777,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(context(e, "stat", path)),
+    };
+    if mode & 0o7077 == 0 {
+        return Ok(None);
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| context(e, "make private (chmod 0600)", path))?;
+    Ok(Some(mode))
+}
+
+/// The file beside the messages file where a running broker records the
+/// ids of its IPC objects (`<messages file>.ipc`), so that the next run
+/// can tell an orphaned semaphore set of its own (which carries no stamp)
+/// from another program's.
+pub fn ipc_ids_path(messages: &Path) -> PathBuf {
+    with_suffix(messages, ".ipc")
+}
+
+/// The segment and semaphore set ids the previous run recorded, if the
+/// file is there and well formed (anything else: none recorded).
+pub fn load_ipc_ids(messages: &Path) -> Option<(i32, i32)> {
+    let bytes = fs::read(ipc_ids_path(messages)).ok()?;
+    let text = std::str::from_utf8(&bytes).ok()?;
+    let mut lines = text.lines();
+    let shm = lines.next()?.strip_prefix("SHM_ID:")?.parse().ok()?;
+    let sem = lines.next()?.strip_prefix("SEM_ID:")?.parse().ok()?;
+    Some((shm, sem))
+}
+
+/// Records the ids of this run's IPC objects (atomically, 0600).
+pub fn save_ipc_ids(disk: &Disk, messages: &Path, shm_id: i32, sem_id: i32) -> io::Result<()> {
+    let text = format!("SHM_ID:{shm_id}\nSEM_ID:{sem_id}\n");
+    replace_file(disk, &ipc_ids_path(messages), text.as_bytes())
 }
 
 /// Reads the offsets file, or the defaults if it does not exist.
@@ -643,6 +819,39 @@ impl MessageFile {
         self.disk
             .sync_data(&self.file)
             .map_err(|e| context(e, "fsync", &self.path))
+    }
+
+    /// The content of record `id`, which starts at byte `offset` and is
+    /// `len` bytes long: read back from the file and checked (the whole
+    /// record parses, its id and length are those asked for). How the
+    /// broker serves a message whose shared memory slot was overwritten.
+    pub fn read_record_of_len(&self, offset: u64, id: u64, len: u64) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let bad = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: record {id} is not at byte offset {offset}",
+                    self.path.display()
+                ),
+            )
+        };
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(bad());
+        }
+        let mut bytes = vec![0u8; usize::try_from(len).map_err(|_| bad())?];
+        self.file
+            .read_exact_at(&mut bytes, offset)
+            .map_err(|e| context(e, "read", &self.path))?;
+        match parse_record(&bytes, bytes.len()) {
+            Parsed::Record {
+                id: found,
+                content,
+                len: parsed,
+                ..
+            } if found == id && parsed == bytes.len() => Ok(bytes[content.0..content.1].to_vec()),
+            _ => Err(bad()),
+        }
     }
 
     /// Compaction: replaces the file with its bytes from `offset` on (the
@@ -883,6 +1092,58 @@ mod tests {
             "only {repaired} flips were damage"
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_power_cut_tail_is_told_from_damage_by_what_follows_and_what_was_durable() {
+        let (bytes, _, ends) = sample(12);
+        let mut noise = 0x2545_f491_4f6c_dd1d_u64;
+        for cut in 0..=bytes.len() {
+            let whole = ends.iter().filter(|&&end| end <= cut as u64).count() as u64;
+            for garbage in 0..3 {
+                let mut input = bytes[..cut].to_vec();
+                for _ in 0..(garbage * 50 + 1) {
+                    noise ^= noise << 13;
+                    noise ^= noise >> 7;
+                    noise ^= noise << 17;
+                    // Random bytes, a '#' first so the tail is never all zeros.
+                    input.push(if input.len() == cut {
+                        b'#'
+                    } else {
+                        noise as u8
+                    });
+                }
+                let result = scan_all(&input);
+                if !matches!(result.tail, Tail::Damaged { .. }) {
+                    continue;
+                }
+                assert!(!result.records_after_damage, "cut {cut}");
+                // Random bytes may by chance complete the cut record (the
+                // format has no checksum), never lose a whole one.
+                let last = result.last_id.unwrap_or(0);
+                assert!(last >= whole, "cut {cut}");
+                // Durable up to the last record kept: a power cut's tail.
+                assert!(power_cut_tail(&result, last + 1, 0), "cut {cut}");
+                // The offsets counted one more record as stored: damage.
+                assert!(!power_cut_tail(&result, last + 2, 0), "cut {cut}");
+            }
+        }
+        // Garbage in the middle, records after it: damage, however durable.
+        let mut input = bytes[..ends[3] as usize].to_vec();
+        input.extend_from_slice(b"#garbage\n");
+        input.extend_from_slice(&bytes[ends[4] as usize..]);
+        let result = scan_all(&input);
+        assert!(matches!(result.tail, Tail::Damaged { offset, .. } if offset == ends[3]));
+        assert!(result.records_after_damage);
+        assert!(!power_cut_tail(&result, 0, 0));
+        // A record whose id skips ahead is damage with a record after it.
+        let mut input = bytes[..ends[3] as usize].to_vec();
+        input.extend_from_slice(&bytes[ends[5] as usize..]);
+        assert!(scan_all(&input).records_after_damage);
+        // Nothing valid at all, and the offsets need nothing before id 5.
+        let result = scan_all(b"\x01\x02garbage");
+        assert!(power_cut_tail(&result, 5, 5));
+        assert!(!power_cut_tail(&result, 6, 5));
     }
 
     #[test]

@@ -47,6 +47,30 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The content of message `id` read from the messages file, when its ring
+/// slot cannot be trusted. The records `head..next_id` are the file's last
+/// `live_bytes` bytes and `record_lens` are their lengths (the broker's
+/// own account), so the offset of `id` is known without a scan.
+fn content_from_file(
+    file: &MessageFile,
+    (record_lens, live_bytes): (&VecDeque<u32>, u64),
+    head: u64,
+    id: u64,
+) -> io::Result<Vec<u8>> {
+    let index = usize::try_from(id - head).map_err(io::Error::other)?;
+    let before: u64 = record_lens.iter().take(index).map(|&n| u64::from(n)).sum();
+    let offset = file
+        .len()
+        .checked_sub(live_bytes)
+        .map(|start| start + before)
+        .ok_or_else(|| io::Error::other("fewer bytes in the messages file than live records"))?;
+    let len = record_lens
+        .get(index)
+        .map(|&n| u64::from(n))
+        .ok_or_else(|| io::Error::other(format!("message {id} is not held")))?;
+    file.read_record_of_len(offset, id, len)
+}
+
 /// Where the core's typed replies go: the session encodes them.
 pub type Replies<'a> = dyn FnMut(Reply<'_>) + 'a;
 
@@ -78,6 +102,8 @@ pub struct CoreConfig {
     pub ack_wait: Duration,
     /// Ack mode: messages one consumer id may hold unacknowledged.
     pub max_ack_pending: usize,
+    /// Cursors kept at most: a new id past it is refused.
+    pub max_consumers: usize,
 }
 
 /// What `inner` guards.
@@ -142,6 +168,7 @@ impl Core {
             ack_wait: config.ack_wait,
             consumer_ttl: config.consumer_ttl,
             visible_when_synced: config.fsync == FsyncPolicy::Always,
+            max_consumers: config.max_consumers,
         };
         let now = Instant::now();
         let live_bytes = recovered.record_lens.iter().map(|&n| u64::from(n)).sum();
@@ -300,7 +327,16 @@ impl Core {
             let _ = ring.unlock_giving_back(chunk.len());
             return Err(err);
         }
-        ring.push(timestamp, chunk);
+        if let Err(err) = ring.push(timestamp, chunk) {
+            // The ring had no room for what was reserved (its counts were
+            // changed from outside): store nothing.
+            inner
+                .record_lens
+                .truncate(inner.record_lens.len() - chunk.len());
+            let _ = inner.file.cut_back(old_len);
+            let _ = ring.unlock_giving_back(chunk.len());
+            return Err(err);
+        }
         if let Err(err) = ring.unlock_pushed(chunk.len()) {
             // The semaphores are gone: keep file and ids as they were.
             inner
@@ -378,7 +414,24 @@ impl Core {
         conn.set_epoch(got.epoch);
         for delivery in &got.messages {
             inner.content.clear();
-            ring.append_content(delivery.id, &mut inner.content);
+            if let Err(mismatch) = ring.append_content(delivery.id, &mut inner.content) {
+                // The slot was overwritten from outside: the messages file
+                // is the queue of record.
+                let head = inner.state.head();
+                let lens = (&inner.record_lens, inner.live_bytes);
+                match content_from_file(&inner.file, lens, head, delivery.id) {
+                    Ok(content) => inner.content = content,
+                    Err(err) => {
+                        self.log.error(format_args!("{mismatch}; and {err}"));
+                        out(Reply::error(ErrorCode::PersistenceFailure));
+                        continue;
+                    }
+                }
+                self.log.error(format_args!(
+                    "{mismatch}; message {} served from the messages file",
+                    delivery.id
+                ));
+            }
             out(Reply::Msg {
                 id: delivery.id,
                 content: &inner.content,
@@ -475,6 +528,7 @@ impl Core {
             .map_err(|err| match err {
                 RegisterError::ModeMismatch => ErrorCode::InvalidRegistration,
                 RegisterError::AlreadyRegistered => ErrorCode::AlreadyRegistered,
+                RegisterError::TooManyConsumers => ErrorCode::TooManyConsumers,
             })?;
         conn.set_epoch(registered.epoch);
         drop(inner);

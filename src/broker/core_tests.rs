@@ -34,7 +34,7 @@ impl Harness {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let log = Arc::new(Logger::stderr_only(Level::Error));
-        let ring = Ring::create(key, key + 1, 8, 64, 1, &log).unwrap();
+        let ring = Ring::create(key, key + 1, 8, 64, 1, None, &log).unwrap();
         let plan = FaultPlan::new();
         let path = dir.join("messages.dat");
         let file = MessageFile::open(&path, 0, Disk::with_faults(Arc::clone(&plan))).unwrap();
@@ -55,6 +55,7 @@ impl Harness {
             fsync,
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 100,
+            max_consumers: 100,
         };
         let core = Core::new(config, log, ring, recovered).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -174,8 +174,12 @@ fn start_and_serve(
     // lock before reading it, and refuse keys in use before touching
     // anything.
     let _lock = lock_messages_file(&config.messages_file)?;
-    crate::queue::check_keys(config.shm_key, config.sem_key)?;
-    let (recovered, ring) = recover_queue(&config, log)?;
+    make_files_private(&config, log)?;
+    // The set id our previous run recorded: an orphaned set is removed
+    // only if it is that one (a set carries no stamp of its own).
+    let recorded_set = crate::store::load_ipc_ids(&config.messages_file).map(|(_, sem)| sem);
+    crate::queue::check_keys(config.shm_key, config.sem_key, recorded_set)?;
+    let (recovered, ring) = recover_queue(&config, recorded_set, log)?;
     let listener = TcpListener::bind((config.bind, config.port))
         .map_err(|err| format!("cannot listen on {}:{}: {err}", config.bind, config.port))?;
     let core_config = CoreConfig {
@@ -185,6 +189,7 @@ fn start_and_serve(
         fsync: config.fsync,
         ack_wait: config.ack_wait,
         max_ack_pending: config.max_ack_pending,
+        max_consumers: config.max_consumers,
     };
     let core = Core::new(core_config, Arc::clone(log), ring, recovered)?;
     // The offsets file now matches what recovery decided (clamped cursors,
@@ -217,7 +222,11 @@ fn start_and_serve(
 
 /// Recovery, then the ring in shared memory filled with the records
 /// consumers still need.
-fn recover_queue(config: &BrokerConfig, log: &Logger) -> Result<(Recovered, Ring), StartError> {
+fn recover_queue(
+    config: &BrokerConfig,
+    recorded_set: Option<i32>,
+    log: &Logger,
+) -> Result<(Recovered, Ring), StartError> {
     let (recovered, records) = recovery::recover(config, log)?;
     let ring = Ring::create(
         config.shm_key,
@@ -225,7 +234,17 @@ fn recover_queue(config: &BrokerConfig, log: &Logger) -> Result<(Recovered, Ring
         config.capacity,
         config.max_msg_size,
         recovered.start.head,
+        recorded_set,
         log,
+    )?;
+    // Recorded beside the data, so the next run can tell this set, left
+    // orphaned by a crash, from another program's.
+    let (shm_id, sem_id) = ring.ids();
+    crate::store::save_ipc_ids(
+        &crate::disk::Disk::real(),
+        &config.messages_file,
+        shm_id,
+        sem_id,
     )?;
     if !records.is_empty() {
         let reserved = ring.reserve(records.len(), Instant::now(), &|| true)?;
@@ -236,11 +255,10 @@ fn recover_queue(config: &BrokerConfig, log: &Logger) -> Result<(Recovered, Ring
         );
         let mut guard = ring.lock()?;
         for record in &records {
-            guard.push(record.timestamp, &[&record.content]);
+            guard.push(record.timestamp, &[&record.content])?;
         }
         guard.unlock_pushed(records.len())?;
     }
-    let (shm_id, sem_id) = ring.ids();
     log.info(format_args!(
         "queue in shared memory key 0x{:x} (id {shm_id}, {} bytes), semaphores key 0x{:x} (id {sem_id})",
         config.shm_key,
@@ -383,15 +401,42 @@ fn finish(shared: Arc<Shared>, log: &Logger) -> Result<(), StartError> {
     }
 }
 
-/// Creates (0600) and locks `<messages file>.lock` for the broker's life.
-fn lock_messages_file(messages: &std::path::Path) -> Result<std::fs::File, StartError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // The lock sits beside the file its name resolves to, so a symbolic
-    // link to the same file finds the same lock.
+/// The lock file: beside the file the messages file's name resolves to,
+/// so a symbolic link to the same file finds the same lock.
+fn lock_path(messages: &std::path::Path) -> std::path::PathBuf {
     let resolved = std::fs::canonicalize(messages).unwrap_or_else(|_| messages.to_path_buf());
     let mut name = resolved.into_os_string();
     name.push(".lock");
-    let path = std::path::PathBuf::from(name);
+    std::path::PathBuf::from(name)
+}
+
+/// The broker's files are created 0600; files that existed with a wider
+/// mode (or links to such files) are tightened, with a warning, since
+/// they hold the messages and who consumed them.
+fn make_files_private(config: &BrokerConfig, log: &Logger) -> Result<(), StartError> {
+    let messages = &config.messages_file;
+    let paths = [
+        messages.clone(),
+        crate::store::offsets_path(messages),
+        crate::store::ipc_ids_path(messages),
+        lock_path(messages),
+        config.log_file.clone(),
+    ];
+    for path in &paths {
+        if let Some(mode) = crate::store::make_private(path)? {
+            log.warn(format_args!(
+                "{} had mode {mode:04o}, readable or writable by others: changed it to 0600",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Creates (0600) and locks `<messages file>.lock` for the broker's life.
+fn lock_messages_file(messages: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = lock_path(messages);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

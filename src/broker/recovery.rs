@@ -56,6 +56,11 @@ struct Recovery<'a> {
     shown: String,
 }
 
+/// The messages file's length, for a log line (0 if it cannot be read).
+fn scan_len(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
 /// Reads both files and returns the state to start from and the records
 /// (ids `head..next_id`) to load into the queue.
 pub fn recover(
@@ -69,7 +74,7 @@ pub fn recover(
     };
     let offsets = recovery.load_offsets()?;
     let scan = recovery.scan(&offsets)?;
-    let repaired = recovery.check_tail(&scan)?;
+    let repaired = recovery.check_tail(&scan, &offsets)?;
     let next_id = recovery.next_id(&offsets, &scan)?;
     let first = scan.first_id.unwrap_or(next_id);
     let mut cursors = offsets.consumers.clone();
@@ -155,9 +160,21 @@ impl Recovery<'_> {
 
     /// A torn tail is cut with a warning; damage stops the start unless
     /// `--repair`. Returns whether the file was repaired.
-    fn check_tail(&self, scan: &Scan) -> Result<bool, RecoveryError> {
+    fn check_tail(&self, scan: &Scan, offsets: &Offsets) -> Result<bool, RecoveryError> {
         let shown = &self.shown;
         match &scan.tail {
+            Tail::Damaged { offset, reason }
+                if store::power_cut_tail(scan, offsets.next_id, offsets.head) =>
+            {
+                // What a power cut leaves past the last fsync: never needs --repair.
+                self.log.warn(format_args!(
+                    "messages file {shown}: cut {} bytes after the last valid record at byte \
+                     offset {offset} ({reason}); no record follows them and every message the \
+                     offsets file counts as stored is kept: left by a power cut",
+                    scan_len(&self.config.messages_file).saturating_sub(scan.valid_len)
+                ));
+                Ok(false)
+            }
             Tail::Clean => Ok(false),
             Tail::Torn { bytes } => {
                 self.log.warn(format_args!(

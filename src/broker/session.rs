@@ -127,10 +127,10 @@ struct Session<'a> {
 
 impl Session<'_> {
     fn run(&mut self, mut stream: TcpStream) -> End {
-        let idle = self.shared.config.idle_timeout;
-        let mut last_line = Instant::now();
-        let mut timeout = idle;
-        if stream.set_read_timeout(Some(idle)).is_err() {
+        let accepted = Instant::now();
+        let mut last_line = accepted;
+        let mut timeout = self.time_left(accepted, last_line);
+        if stream.set_read_timeout(Some(timeout)).is_err() {
             return End::Broken;
         }
         loop {
@@ -154,8 +154,8 @@ impl Session<'_> {
                     ) =>
                 {
                     // A read timeout: idle unless a line completed meanwhile.
-                    match idle.checked_sub(last_line.elapsed()) {
-                        Some(left) if !left.is_zero() => {
+                    match self.time_left(accepted, last_line) {
+                        left if !left.is_zero() => {
                             timeout = set_timeout(&stream, left, timeout);
                             continue;
                         }
@@ -169,18 +169,17 @@ impl Session<'_> {
             while let Some(line) = self.reader.next_line() {
                 self.lines.push(line);
             }
-            if self.lines.is_empty() {
-                // Part of a line: the idle clock keeps running, so a client
-                // trickling bytes without finishing a line is idle too.
-                match idle.checked_sub(last_line.elapsed()) {
-                    Some(left) if !left.is_zero() => timeout = set_timeout(&stream, left, timeout),
-                    _ => return End::Idle,
-                }
-                continue;
+            if !self.lines.is_empty() {
+                // Part of a line does not count: a client trickling bytes
+                // without finishing a line is idle too.
+                last_line = Instant::now();
             }
-            last_line = Instant::now();
-            if timeout != idle {
-                timeout = set_timeout(&stream, idle, timeout);
+            match self.time_left(accepted, last_line) {
+                left if !left.is_zero() => timeout = set_timeout(&stream, left, timeout),
+                _ => return End::Idle,
+            }
+            if self.lines.is_empty() {
+                continue;
             }
             let conn = Arc::clone(&self.conn);
             let mut writer = conn.writer();
@@ -194,6 +193,20 @@ impl Session<'_> {
             if flow == Flow::Close {
                 return End::Quit;
             }
+        }
+    }
+
+    /// How long the connection may still go without a complete line
+    /// (zero: it is idle now). Before registration the shorter
+    /// `--register-timeout`, counted from the accept, bounds it too: a
+    /// stranger that never registers cannot hold a pool worker for the
+    /// whole idle timeout, whatever it sends.
+    fn time_left(&self, accepted: Instant, last_line: Instant) -> Duration {
+        let config = &self.shared.config;
+        let idle = config.idle_timeout.saturating_sub(last_line.elapsed());
+        match self.role {
+            Role::None => idle.min(config.register_timeout.saturating_sub(accepted.elapsed())),
+            _ => idle,
         }
     }
 

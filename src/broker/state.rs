@@ -46,6 +46,8 @@ pub struct Rules {
     /// `--fsync always`: a message is visible to consumers only once it is
     /// synced, so no consumer sees what a power cut could take back.
     pub visible_when_synced: bool,
+    /// Cursors kept at most: registering a new id past it is refused.
+    pub max_consumers: usize,
 }
 
 /// Where the machine starts: what recovery found.
@@ -91,6 +93,8 @@ pub enum RegisterError {
     ModeMismatch,
     /// The connection is registered already.
     AlreadyRegistered,
+    /// A new id while `max_consumers` cursors exist (nothing changed).
+    TooManyConsumers,
 }
 
 /// A registration that succeeded.
@@ -249,6 +253,11 @@ impl State {
     ) -> Result<Registered, RegisterError> {
         if self.watchers.contains_key(&conn) {
             return Err(RegisterError::AlreadyRegistered);
+        }
+        // Refused before anything changes (an assigned id is not used up).
+        let known = requested.is_some_and(|id| self.cursors.contains_key(id));
+        if !known && self.cursors.len() >= self.rules.max_consumers {
+            return Err(RegisterError::TooManyConsumers);
         }
         let key = match requested {
             Some(id) => match self.cursors.get_key_value(id) {

@@ -15,6 +15,7 @@ fn rules(visible_when_synced: bool) -> Rules {
         ack_wait: WAIT,
         consumer_ttl: WAIT,
         visible_when_synced,
+        max_consumers: 3,
     }
 }
 
@@ -51,6 +52,29 @@ fn registration_assigns_ids_and_keeps_modes() {
     );
     let second = state.register(4, None, false, now).unwrap();
     assert_eq!(&*second.key, b"2");
+}
+
+#[test]
+fn past_max_consumers_a_new_id_is_refused_and_nothing_changes() {
+    let now = Instant::now();
+    let mut state = fresh(false, now);
+    for (conn, id) in [(1, &b"a"[..]), (2, b"b"), (3, b"c")] {
+        state.register(conn, Some(id), false, now).unwrap();
+    }
+    assert_eq!(
+        state.register(4, Some(b"d"), false, now),
+        Err(RegisterError::TooManyConsumers)
+    );
+    assert_eq!(
+        state.register(4, None, false, now),
+        Err(RegisterError::TooManyConsumers)
+    );
+    assert_eq!(state.cursor_pos(b"d"), None);
+    // The refused connection is not registered: it may join an id that exists.
+    assert_eq!(
+        &*state.register(4, Some(b"a"), false, now).unwrap().key,
+        b"a"
+    );
 }
 
 #[test]

@@ -2,6 +2,12 @@
 //! SysV shared memory ([`shm`]), SysV semaphores ([`sem`]), and the few
 //! socket and signal calls std does not offer ([`os`], [`service`]).
 //!
+//! Soundness by construction: no safe function here reads or writes the
+//! shared segment except through [`shm::RegionGuard`], which holds both a
+//! process-local mutex and the SysV MUTEX, and a segment is mapped at most
+//! once per process, so no two threads of this process ever touch it at
+//! once. What other processes do to it is the subject of [`shm`]'s header.
+//!
 //! Every `unsafe` block of the crate lives below this module, each under a
 //! `// SAFETY:` comment saying what was checked. The wrappers are safe to
 //! call: they turn "-1 and errno" into `io::Result` with a message that
@@ -16,6 +22,40 @@ pub mod service;
 pub mod shm;
 
 use std::io;
+
+/// A C return value that says "failed, see errno" with -1.
+pub(crate) trait IsMinusOne: Copy {
+    fn is_minus_one(self) -> bool;
+}
+
+impl IsMinusOne for libc::c_int {
+    fn is_minus_one(self) -> bool {
+        self == -1
+    }
+}
+
+impl IsMinusOne for libc::ssize_t {
+    fn is_minus_one(self) -> bool {
+        self == -1
+    }
+}
+
+/// Calls `call` until it does not fail with `EINTR` (std's `cvt_r`): the
+/// one place that retries interrupted calls. Callers recompute anything
+/// time-dependent (a remaining timeout) inside `call`. The error is the
+/// raw errno; callers add what they called.
+pub(crate) fn cvt_r<T: IsMinusOne>(mut call: impl FnMut() -> T) -> io::Result<T> {
+    loop {
+        let ret = call();
+        if !ret.is_minus_one() {
+            return Ok(ret);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
 
 /// Turns the C convention "-1 and errno" into an `io::Result`, adding
 /// `what` (the call and its arguments) and a hint at what the errno means

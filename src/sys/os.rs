@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use super::cvt;
+use super::{cvt, cvt_r};
 
 /// Whether a process with `pid` exists and is not a zombie (it may
 /// belong to another user). A zombie has exited: it holds no IPC objects,
@@ -42,19 +42,36 @@ fn is_zombie(pid: i32) -> bool {
 /// file is closed. Returns `Ok(false)` if another process holds it.
 pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
     let fd = file.as_raw_fd();
-    loop {
-        // SAFETY: flock takes a descriptor the caller owns (borrowed for the call).
-        let ret = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
-        if ret == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            _ => return Err(err),
-        }
+    // SAFETY: flock takes a descriptor the caller owns (borrowed for the call).
+    match cvt_r(|| unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(err) if err.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(err) => Err(err),
     }
+}
+
+/// The size of a memory page, from `sysconf` (4096 where it cannot say).
+pub fn page_size() -> usize {
+    // SAFETY: sysconf takes a plain integer and touches no memory of ours.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size)
+        .ok()
+        .filter(|&s| s.is_power_of_two())
+        .unwrap_or(4096)
+}
+
+/// A `timespec` for `timeout`, built field by field so it is right
+/// whatever widths libc gives `time_t` and `tv_nsec` on the target (32-bit
+/// targets with a 64-bit `time_t` add padding fields); a timeout past
+/// what `time_t` holds is cut to its maximum.
+pub(crate) fn timespec(timeout: Duration) -> libc::timespec {
+    // SAFETY: timespec is plain data; all zeros is a valid value (and
+    // zeroes any padding field a target adds).
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    ts.tv_sec = libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX);
+    // Below 10^9, so it fits every tv_nsec type.
+    ts.tv_nsec = timeout.subsec_nanos() as _;
+    ts
 }
 
 /// The id of this process.
@@ -91,10 +108,9 @@ pub fn block_termination_signals() -> io::Result<()> {
 /// [`block_termination_signals`]) and returns the signal's name.
 pub fn wait_termination(timeout: Duration) -> Option<&'static str> {
     let set = termination_set();
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
+    // libc declares sigtimedwait with its own timespec and the symbol
+    // that goes with it (the 64-bit time variant where there is one).
+    let ts = timespec(timeout);
     // SAFETY: `set` and `ts` are initialised and outlive the call; the
     // siginfo output is not wanted (null is allowed).
     let signal = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
@@ -156,17 +172,26 @@ fn shutdown_how(socket: &impl AsRawFd, how: libc::c_int) -> io::Result<()> {
 pub fn send_nonblocking(socket: &impl AsRawFd, data: &[u8]) -> io::Result<usize> {
     let fd = socket.as_raw_fd();
     let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-    loop {
-        // SAFETY: `data` is a valid buffer of `data.len()` bytes.
-        let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), flags) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Ok(0),
-            _ => return Err(err),
-        }
+    // SAFETY: `data` is a valid buffer of `data.len()` bytes.
+    match cvt_r(|| unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), flags) }) {
+        // Not -1, so not negative: send returns a count or -1.
+        Ok(n) => Ok(n as usize),
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(err) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_and_timespec_fit_the_target() {
+        assert!(page_size().is_power_of_two() && page_size() >= 4096);
+        let ts = timespec(Duration::new(3, 250));
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (3, 250));
+        // A timeout past what time_t holds is cut, not wrapped negative.
+        let ts = timespec(Duration::from_secs(u64::MAX));
+        assert_eq!(ts.tv_sec, libc::time_t::MAX);
     }
 }

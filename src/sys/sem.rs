@@ -2,13 +2,28 @@
 //!
 //! The set is identified by its kernel id; `Drop` does nothing because a
 //! semaphore set is not attached the way a segment is. Operations retry on
-//! `EINTR` and report a timeout (or `IPC_NOWAIT` refusal) as `Ok(false)`,
-//! never as an error.
+//! `EINTR` (through [`cvt_r`]) and report a timeout (or `IPC_NOWAIT`
+//! refusal) as `Ok(false)`, never as an error. Another process of the same
+//! user may operate on the set too; nothing here trusts a value read from
+//! it beyond what the caller checks.
 
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::{annotate, cvt};
+use super::{annotate, cvt, cvt_r};
+
+/// The `struct timespec` of the unversioned `semtimedop` symbol: two C
+/// `long`s on every Linux libc. On 32-bit targets whose libc offers a
+/// 64-bit `time_t`, `libc::timespec` may be the 64-bit layout while the
+/// plain symbol keeps the old one (the new ABI has another symbol name),
+/// so pairing the two would pass a timeout the kernel misreads. Declaring
+/// the struct beside the symbol keeps them matched on every target; our
+/// timeouts are short slices, far inside a 32-bit `long` of seconds.
+#[repr(C)]
+struct LegacyTimespec {
+    tv_sec: libc::c_long,
+    tv_nsec: libc::c_long,
+}
 
 unsafe extern "C" {
     // glibc and musl provide semtimedop; the libc crate does not declare it.
@@ -16,8 +31,16 @@ unsafe extern "C" {
         semid: libc::c_int,
         sops: *mut libc::sembuf,
         nsops: libc::size_t,
-        timeout: *const libc::timespec,
+        timeout: *const LegacyTimespec,
     ) -> libc::c_int;
+}
+
+fn legacy_timespec(timeout: Duration) -> LegacyTimespec {
+    LegacyTimespec {
+        tv_sec: libc::c_long::try_from(timeout.as_secs()).unwrap_or(libc::c_long::MAX),
+        // Below 10^9: fits a 32-bit long.
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    }
 }
 
 /// `sem_flg` bit: the kernel undoes this operation if the process dies.
@@ -30,10 +53,11 @@ pub const NOWAIT: i16 = libc::IPC_NOWAIT as i16;
 pub enum Existing {
     /// No set has this key.
     None,
-    /// A set exists and the last process to operate on it is gone.
-    Orphan { id: i32 },
+    /// A set of `nsems` semaphores exists and the last process to operate
+    /// on it is gone (or none ever did).
+    Orphan { id: i32, nsems: u64 },
     /// A set exists and the last process to operate on it, `pid`, lives.
-    InUse { id: i32, pid: i32 },
+    InUse { id: i32, pid: i32, nsems: u64 },
 }
 
 /// Looks up the set with `key`. A set has no attach count, so liveness is
@@ -53,15 +77,29 @@ pub fn inspect(key: i32) -> io::Result<Existing> {
             )),
         };
     }
+    let nsems = count(id)?;
     // SAFETY: GETPID takes no fourth argument.
     let pid = cvt(unsafe { libc::semctl(id, 0, libc::GETPID) }, || {
         format!("semctl(id={id}, 0, GETPID)")
     })?;
     if pid > 0 && super::os::process_alive(pid) {
-        Ok(Existing::InUse { id, pid })
+        Ok(Existing::InUse { id, pid, nsems })
     } else {
-        Ok(Existing::Orphan { id })
+        Ok(Existing::Orphan { id, nsems })
     }
+}
+
+/// How many semaphores the set `id` has (`IPC_STAT`).
+fn count(id: i32) -> io::Result<u64> {
+    // SAFETY: semid_ds is plain data; all zeros is a valid value.
+    let mut ds: libc::semid_ds = unsafe { std::mem::zeroed() };
+    let buf: *mut libc::semid_ds = &mut ds;
+    // SAFETY: IPC_STAT writes one semid_ds through the `buf` member of
+    // union semun, passed as the fourth argument; `ds` outlives the call.
+    cvt(unsafe { libc::semctl(id, 0, libc::IPC_STAT, buf) }, || {
+        format!("semctl(id={id}, IPC_STAT)")
+    })?;
+    Ok(ds.sem_nsems as u64)
 }
 
 /// Removes the set `id` (`IPC_RMID`); processes waiting on it get `EIDRM`.
@@ -82,7 +120,11 @@ pub struct Op {
     pub flags: i16,
 }
 
-/// A created semaphore set.
+/// Most operations one [`SemaphoreSet::apply`] takes.
+pub const MAX_OPS: usize = 4;
+
+/// A semaphore set: created by us, or opened by key (a test playing
+/// another process).
 #[derive(Debug)]
 pub struct SemaphoreSet {
     id: i32,
@@ -116,6 +158,17 @@ impl SemaphoreSet {
         Ok(set)
     }
 
+    /// Opens the existing set with `key`, as another process of the same
+    /// user could.
+    pub fn open(key: i32) -> io::Result<SemaphoreSet> {
+        // SAFETY: semget with nsems 0 and no flags only looks a key up.
+        let id = cvt(unsafe { libc::semget(key, 0, 0) }, || {
+            format!("semget(key=0x{key:x}, nsems=0, flags=0)")
+        })?;
+        let count = usize::try_from(count(id)?).unwrap_or(0);
+        Ok(SemaphoreSet { id, key, count })
+    }
+
     /// The kernel's id of the set.
     pub fn id(&self) -> i32 {
         self.id
@@ -129,17 +182,21 @@ impl SemaphoreSet {
     /// Applies `ops` atomically: all of them or none. With a `timeout`,
     /// waits at most that long and returns `Ok(false)` when it passes;
     /// an op with [`NOWAIT`] that would block also returns `Ok(false)`.
+    /// More than [`MAX_OPS`] operations, or an index outside the set, is
+    /// refused with `InvalidInput`.
     pub fn apply(&self, ops: &[Op], timeout: Option<Duration>) -> io::Result<bool> {
-        debug_assert!(ops.iter().all(|op| (op.index as usize) < self.count));
-        let mut bufs = [libc::sembuf {
+        let empty = libc::sembuf {
             sem_num: 0,
             sem_op: 0,
             sem_flg: 0,
-        }; 4];
-        assert!(
-            ops.len() <= bufs.len(),
-            "at most 4 semaphore operations at once"
-        );
+        };
+        let mut bufs = [empty; MAX_OPS];
+        if ops.len() > MAX_OPS || ops.iter().any(|op| usize::from(op.index) >= self.count) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("semop(id={}, {ops:?}): bad operations", self.id),
+            ));
+        }
         for (buf, op) in bufs.iter_mut().zip(ops) {
             *buf = libc::sembuf {
                 sem_num: op.index,
@@ -147,35 +204,24 @@ impl SemaphoreSet {
                 sem_flg: op.flags,
             };
         }
+        let id = self.id;
         let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            let ret = match deadline {
-                None => {
-                    // SAFETY: `bufs` holds `ops.len()` initialised sembufs.
-                    unsafe { libc::semop(self.id, bufs.as_mut_ptr(), ops.len()) }
-                }
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    let ts = libc::timespec {
-                        tv_sec: left.as_secs() as libc::time_t,
-                        tv_nsec: left.subsec_nanos() as libc::c_long,
-                    };
-                    // SAFETY: `bufs` holds `ops.len()` initialised sembufs and
-                    // `ts` is a valid timespec that outlives the call.
-                    unsafe { semtimedop(self.id, bufs.as_mut_ptr(), ops.len(), &ts) }
-                }
-            };
-            if ret == 0 {
-                return Ok(true);
+        let sops = bufs.as_mut_ptr();
+        let result = cvt_r(|| match deadline {
+            // SAFETY: `bufs` holds `ops.len()` initialised sembufs.
+            None => unsafe { libc::semop(id, sops, ops.len()) },
+            Some(deadline) => {
+                // Recomputed on every retry after EINTR: the deadline holds.
+                let ts = legacy_timespec(deadline.saturating_duration_since(Instant::now()));
+                // SAFETY: `bufs` holds `ops.len()` initialised sembufs and
+                // `ts` is the timespec this symbol takes, alive for the call.
+                unsafe { semtimedop(id, sops, ops.len(), &ts) }
             }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => return Ok(false),
-                _ => {
-                    return Err(annotate(err, format!("semop(id={}, {:?})", self.id, &ops)));
-                }
-            }
+        });
+        match result {
+            Ok(_) => Ok(true),
+            Err(err) if err.raw_os_error() == Some(libc::EAGAIN) => Ok(false),
+            Err(err) => Err(annotate(err, format!("semop(id={id}, {ops:?})"))),
         }
     }
 
@@ -195,35 +241,37 @@ impl SemaphoreSet {
     }
 }
 
-/// Opens the existing set with `key` without creating it, for looking at
-/// a live broker's semaphores (`broker --inspect`); `Ok(None)` if no set
-/// has that key. Removing it is the caller's business (never done by
-/// `--inspect`).
-pub fn open_existing(key: i32) -> io::Result<Option<SemaphoreSet>> {
-    let id = match inspect(key)? {
-        Existing::None => return Ok(None),
-        Existing::Orphan { id } | Existing::InUse { id, .. } => id,
-    };
-    // SAFETY: semid_ds is plain old data; all-zero is a valid value.
-    let mut ds: libc::semid_ds = unsafe { std::mem::zeroed() };
-    // SAFETY: IPC_STAT writes one semid_ds through the `buf` member of the
-    // C union semun, passed here as a pointer to `ds`, which outlives it.
-    let ret = unsafe { libc::semctl(id, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds) };
-    cvt(ret, || format!("semctl(id={id}, 0, IPC_STAT)"))?;
-    Ok(Some(SemaphoreSet {
-        id,
-        key,
-        count: ds.sem_nsems as usize,
-    }))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl SemaphoreSet {
-    /// How many semaphores the set has.
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
+    #[test]
+    fn a_timeout_is_false_and_bad_ops_are_refused() {
+        let key = 0x5200_0000 + (std::process::id() as i32 & 0xffff) * 4;
+        let set = SemaphoreSet::create(key, &[0, 1]).unwrap();
+        // Removed even when an assertion fails.
+        struct Remove(i32);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = remove(self.0);
+            }
+        }
+        let _remove = Remove(set.id());
+        let take = Op {
+            index: 0,
+            delta: -1,
+            flags: 0,
+        };
+        assert!(!set.apply(&[take], Some(Duration::from_millis(20))).unwrap());
+        let bad = Op { index: 2, ..take };
+        assert!(set.apply(&[bad], None).is_err());
+        assert!(set.apply(&[take; MAX_OPS + 1], None).is_err());
+        // SETALL may count as an operation by this (live) process.
+        let found = inspect(key).unwrap();
+        assert!(
+            matches!(found, Existing::Orphan { id, nsems: 2 } | Existing::InUse { id, nsems: 2, .. } if id == set.id()),
+            "{found:?}"
+        );
+        assert_eq!(SemaphoreSet::open(key).unwrap().id(), set.id());
     }
 }

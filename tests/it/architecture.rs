@@ -24,6 +24,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The middle: the wire, the files, the ring.
     ("protocol", &["text"]),
     ("store", &["disk", "text"]),
+    ("segments", &["disk", "store", "text"]),
     ("queue", &["sys", "log"]),
     // The broker's side.
     (

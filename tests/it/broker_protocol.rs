@@ -247,10 +247,11 @@ fn notify_on_registration_with_backlog_and_at_most_one_until_get() {
 }
 
 #[test]
-fn under_fsync_always_a_message_is_shown_only_once_fsynced() {
-    // Not observable from outside without a power cut; what is observable:
-    // a consumer waiting for NOTIFY is notified under `always` too, and a
-    // GET right after the producer's OK finds the message.
+fn under_fsync_always_a_waiting_consumer_is_notified_and_gets_each_message() {
+    // That a message is shown only once fsynced is not observable from
+    // outside without a power cut or an fsync fault; what is observable
+    // here: a consumer waiting for NOTIFY is notified under `always` too,
+    // and a GET right after the producer's OK finds the message.
     let dir = TestDir::new("proto-always");
     let broker = Broker::start(&dir, &["--fsync", "always"]);
     let mut c = broker.consumer("a");

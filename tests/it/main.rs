@@ -8,6 +8,7 @@ mod architecture;
 mod broker_ack;
 mod broker_cli;
 mod broker_faults;
+mod broker_hostile;
 mod broker_ipc;
 mod broker_limits;
 mod broker_persistence;

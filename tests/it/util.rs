@@ -74,12 +74,12 @@ pub fn fresh_keys() -> (i32, i32) {
 
 /// Removes the IPC objects with these keys, whoever left them.
 pub fn remove_ipc(shm_key: i32, sem_key: i32) {
-    if let Ok(shm::Existing::Orphan { id } | shm::Existing::InUse { id, .. }) =
+    if let Ok(shm::Existing::Orphan { id, .. } | shm::Existing::InUse { id, .. }) =
         shm::inspect(shm_key)
     {
         let _ = shm::remove(id);
     }
-    if let Ok(sem::Existing::Orphan { id } | sem::Existing::InUse { id, .. }) =
+    if let Ok(sem::Existing::Orphan { id, .. } | sem::Existing::InUse { id, .. }) =
         sem::inspect(sem_key)
     {
         let _ = sem::remove(id);
@@ -444,6 +444,16 @@ impl Client {
         line
     }
 
+    /// The next line, or `None` once the connection is closed or broken
+    /// (for tests that kill the broker under a client).
+    pub fn try_line(&mut self) -> Option<String> {
+        let mut line = Vec::new();
+        match self.reader.read_until(b'\n', &mut line) {
+            Ok(_) if line.pop() == Some(b'\n') => Some(String::from_utf8_lossy(&line).into_owned()),
+            _ => None,
+        }
+    }
+
     /// The next line, which must be UTF-8.
     pub fn line(&mut self) -> String {
         String::from_utf8(self.line_bytes()).unwrap()
@@ -472,15 +482,39 @@ impl Client {
         text
     }
 
-    /// Whether the broker closed the connection (end of file or reset).
+    /// Whether the broker closed the connection (end of file or reset)
+    /// within the read timeout. A read timeout means the connection is
+    /// still open: `false`, never "closed". A byte that arrives instead is
+    /// a protocol surprise and fails the test.
     pub fn is_closed(&mut self) -> bool {
         let mut byte = [0u8; 1];
-        matches!(self.reader.read(&mut byte), Ok(0) | Err(_))
+        match self.reader.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => panic!(
+                "expected the connection to close, got more data: {:?}",
+                byte[0] as char
+            ),
+            Err(err) if is_timeout(&err) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// The buffered reading side, for tests that read in their own way.
+    pub fn reader(&mut self) -> &mut BufReader<TcpStream> {
+        &mut self.reader
     }
 
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.stream.set_read_timeout(Some(timeout)).unwrap();
     }
+}
+
+/// Whether an I/O error is a read timeout (`WouldBlock` on Unix).
+pub fn is_timeout(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// Polls `check` until it returns true or [`WAIT`] passes.
