@@ -94,6 +94,8 @@ pub struct Counters {
 
 /// Settings the core needs from the command line.
 pub struct CoreConfig {
+    /// The broker's stable id, shown in `STATS` (see `instance.rs`).
+    pub instance: String,
     pub messages_file: PathBuf,
     pub send_timeout: Duration,
     pub consumer_ttl: Duration,
@@ -658,7 +660,7 @@ impl Core {
     }
 
     /// The `STATS` fields.
-    pub fn stats(&self) -> Vec<(&'static str, StatValue<'static>)> {
+    pub fn stats(&self) -> Vec<(&'static str, StatValue<'_>)> {
         let (held, next_id, cursors, in_flight, file_len) = {
             let inner = self.inner();
             let state = &inner.state;
@@ -699,6 +701,7 @@ impl Core {
                 "uptime_s",
                 StatValue::Gauge(self.started.elapsed().as_secs()),
             ),
+            ("instance", StatValue::Text(&self.config.instance)),
         ]
     }
 

@@ -14,6 +14,7 @@ mod core;
 mod cursor;
 mod durability;
 mod http;
+pub mod instance;
 mod panic;
 mod recovery;
 mod session;
@@ -182,7 +183,15 @@ fn start_and_serve(
     let (recovered, ring) = recover_queue(&config, recorded_set, log)?;
     let listener = TcpListener::bind((config.bind, config.port))
         .map_err(|err| format!("cannot listen on {}:{}: {err}", config.bind, config.port))?;
+
+    // The id the NATS forwarder names this broker's messages with.
+    let (instance, created) = instance::load_or_create(&config.messages_file)?;
+    log.info(format_args!(
+        "instance {instance} ({})",
+        if created { "created" } else { "kept" }
+    ));
     let core_config = CoreConfig {
+        instance,
         messages_file: config.messages_file.clone(),
         send_timeout: config.send_timeout.min(MAX_SEND_WAIT),
         consumer_ttl: config.consumer_ttl,

@@ -14,6 +14,7 @@ mod broker_limits;
 mod broker_persistence;
 mod broker_protocol;
 mod clients;
+mod nats_forward;
 mod ops_access;
 mod ops_consumer;
 mod ops_http;
