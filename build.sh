@@ -52,10 +52,10 @@ ensure_tool() {
 
 run_tests() {
     ensure_tool strace strace
-    ensure_tool curl curl
     # The NATS forwarder's tests (tests/it/nats_forward.rs) run real
     # nats-server processes.
     ensure_tool nats-server nats-server
+    ensure_tool curl curl
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
     local log status=0

@@ -45,8 +45,6 @@ options:
       --retries N         reconnection attempts before giving up   [no limit]
       --heartbeat S       heartbeat after S idle seconds           [20]
                           (keep it well under the broker's --idle-timeout)
-      --token-file FILE   send AUTH with the token in FILE's first line first
-                          (the broker's --auth-token-file)  [$BROKER_TOKEN_FILE]
       --to-nats URL       forward into NATS JetStream at URL (ack mode, needs --id);
                           see docs/scale-out.md
       --subject SUBJECT   NATS subject to publish on (one per broker)
@@ -54,6 +52,8 @@ options:
                           [SUBJECT with . * > as _]
       --nats-token-file F NATS token (instead of USER:PASS in the URL)
                           (with --to-nats, --window is the publishes in flight [256])
+      --token-file FILE   send AUTH with the token in FILE's first line first
+                          (the broker's --auth-token-file)  [$BROKER_TOKEN_FILE]
   -h, --help              print this help
   -V, --version           print the version
 ";
