@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build, test and demo the broker. Runs from any working directory.
 #   ./build.sh          release binaries into bin/ (broker, producer, consumer)
+#   ./build.sh install [FROM [TO]]  copy built binaries (target/release) into
+#                       bin/ atomically, without building
 #   ./build.sh test     cargo fmt --check, clippy -D warnings, every test
 #   ./build.sh demo     a broker, a consumer and a producer, end to end
 #   ./build.sh bench    throughput, latency and memory figures (docs/performance.md);
@@ -11,12 +13,23 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
+# Copies the three programs from $1 into $2 atomically: each is copied to
+# a temporary name in $2 and renamed over the old one. A broker running
+# from $2 keeps its (now unlinked) file, so there is no "Text file busy",
+# and nobody ever runs a half-copied binary.
+install_binaries() {
+    local from=${1:-target/release} to=${2:-bin}
+    mkdir -p "$to"
+    for program in broker producer consumer; do
+        local tmp="$to/.$program.tmp.$$"
+        cp "$from/$program" "$tmp"
+        mv -f "$tmp" "$to/$program"
+    done
+}
+
 build() {
     cargo build --release --locked
-    mkdir -p bin
-    for program in broker producer consumer; do
-        cp "target/release/$program" "bin/$program"
-    done
+    install_binaries target/release bin
     echo "built: bin/broker bin/producer bin/consumer"
 }
 
@@ -41,6 +54,10 @@ ensure_tool() {
 
 run_tests() {
     ensure_tool strace strace
+    # The NATS forwarder's tests (tests/it/nats_forward.rs) run real
+    # nats-server processes.
+    ensure_tool nats-server nats-server
+    ensure_tool curl curl
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
     local log status=0
@@ -69,7 +86,9 @@ start_broker() {
     "$here/bin/broker" --port 0 --bind 127.0.0.1 --shm-key "$key" --sem-key "$((key + 1))" \
         --log-file "$dir/broker.log" "$@" "$dir/messages.dat" >"$dir/broker.out" 2>&1 &
     bpid=$!
-    for _ in $(seq 1 250); do
+    # Up to 20 s: a start fsyncs its files, which can take seconds on a
+    # disk that another program keeps busy.
+    for _ in $(seq 1 1000); do
         grep -q '^listening on' "$dir/broker.out" 2>/dev/null && break
         kill -0 "$bpid" 2>/dev/null || { cat "$dir/broker.out"; exit 1; }
         sleep 0.02
@@ -276,29 +295,116 @@ bench_backlog() {
     stop_broker
 }
 
+# Starts nats-server -js on a port the kernel picks, its store and log in
+# $1; waits (bounded) for "Server is ready" in its log. Sets npid and nport.
+start_nats() {
+    local dir=$1
+    rm -rf "$dir/js" "$dir/nats.log"
+    nats-server -js -sd "$dir/js" -p -1 -a 127.0.0.1 -l "$dir/nats.log" >/dev/null 2>&1 &
+    npid=$!
+    for _ in $(seq 1 250); do
+        grep -q 'Server is ready' "$dir/nats.log" 2>/dev/null && break
+        kill -0 "$npid" 2>/dev/null || { cat "$dir/nats.log"; exit 1; }
+        sleep 0.02
+    done
+    nport="$(sed -n 's/.*Listening for client connections on 127.0.0.1:\([0-9]*\).*/\1/p' "$dir/nats.log" | tail -n 1)"
+    [ -n "$nport" ] || { echo "nats-server did not start"; cat "$dir/nats.log"; exit 1; }
+}
+
+stop_nats() {
+    if [ -n "${npid:-}" ]; then kill -TERM "$npid" 2>/dev/null || true; wait "$npid" 2>/dev/null || true; fi
+    npid=""
+}
+
+# One STATS value of the bench broker.
+broker_stat() {
+    local line
+    exec 4<>"/dev/tcp/127.0.0.1/$bport"
+    printf 'STATS\nQUIT\n' >&4
+    read -r line <&4
+    exec 4<&- 4>&-
+    tr ' :' '\n\n' <<<"$line" | sed -n "s/^$1=//p"
+}
+
+# The forward row: $1 messages backlogged in the broker, forwarded into a
+# fresh JetStream file stream with --window $2. The broker's queue holds
+# at most 32767 messages per round (as before issue 9, when that was the most the queue held, so the figures compare), so it goes in rounds:
+# fill the queue with the forwarder stopped, start it, time until the
+# broker holds nothing (every message acknowledged after its PubAck),
+# stop it (SIGTERM); again until all are sent. Nothing else runs while a
+# round is timed. Prints msgs/s: all messages over the rounds' time.
+bench_forward() {
+    local total=$1 window=$2 sent=0 chunk start fpid spent=0 t
+    # Room for the forwarder's 2 x window taken and not yet acknowledged.
+    bench_broker --capacity 32767 --max-ack-pending "$(( 4 * window > 1000 ? 4 * window : 1000 ))"
+    start_nats "$bdir"
+    while [ "$sent" -lt "$total" ]; do
+        chunk=$(( total - sent < 32767 ? total - sent : 32767 ))
+        timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$chunk" -i 0 --window 256 \
+            --size "$bsize" >/dev/null 2>>"$bdir/clients.err"
+        sent=$(( sent + chunk ))
+        start=$(now_ns)
+        timeout 300 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id fwd \
+            --to-nats "nats://127.0.0.1:$nport" --subject bench.forward --window "$window" \
+            >/dev/null 2>>"$bdir/forward.err" &
+        fpid=$!
+        for t in $(seq 1 30000); do
+            [ "$(broker_stat messages)" = 0 ] && break
+            # It runs in a command substitution: clean up here, the EXIT
+            # trap of the parent shell knows nothing of this broker.
+            kill -0 "$fpid" 2>/dev/null || { cat "$bdir/forward.err" >&2; stop_nats; stop_broker; return 1; }
+            sleep 0.005
+        done
+        spent=$(( spent + $(now_ns) - start ))
+        kill -TERM "$fpid" 2>/dev/null || true
+        wait "$fpid" || true
+    done
+    awk -v n="$total" -v ns="$spent" 'BEGIN { printf "%.0f", n / (ns / 1e9) }'
+    stop_nats
+    stop_broker
+}
+
+# peerbench's jetstream P in the same sitting: 1 producer, window 256,
+# PUB with a reply inbox, PubAcks counted, into a fresh file stream.
+bench_jetstream_p() {
+    local src="${PEERBENCH_SRC:-$here/../shared/peerbench}" out
+    [ -d "$src" ] || { echo "no peerbench at $src" >&2; return 1; }
+    rm -rf "$bdir/peerbench"
+    cp -r "$src" "$bdir/peerbench"
+    (cd "$bdir/peerbench" && CARGO_TARGET_DIR="$here/target/peerbench" cargo build --release --quiet) >&2
+    start_nats "$bdir"
+    out=$("$here/target/peerbench/release/peerbench" run --target jetstream --addr "127.0.0.1:$nport" \
+        --scenario P --n "$bcount" --size "$bsize" --window 256 --server-pid "$npid" 2>>"$bdir/clients.err" | grep '^RESULT' | tail -n 1)
+    stop_nats
+    sed -n 's/.* msgs_per_s=\([0-9]*\).*/\1/p' <<<"$out"
+}
+
 bench() {
     build >/dev/null
     bsize=100 bcount=200000
-    local scaling="" backlog=""
+    local scaling="" backlog="" forward_only=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --size) bsize="$2"; shift 2 ;;
             --count) bcount="$2"; shift 2 ;;
             --scaling) scaling=1; shift ;;
             --backlog) backlog=1; shift ;;
-            *) echo "usage: ./build.sh bench [--size BYTES] [--count N] [--scaling | --backlog]" >&2; exit 2 ;;
+            --forward) forward_only=1; shift ;;
+            *) echo "usage: ./build.sh bench [--size BYTES] [--count N] [--scaling | --backlog | --forward]" >&2; exit 2 ;;
         esac
     done
     bdir="$(mktemp -d "${TMPDIR:-/tmp}/mq-bench.XXXXXX")"
     bkey=$(( 0x4d520000 + ($$ % 4096) * 2 ))
     bpid=""
-    trap 'stop_broker; rm -rf "$bdir"' EXIT
+    npid=""
+    trap 'stop_broker; stop_nats; rm -rf "$bdir"' EXIT
     if [ -n "$scaling" ]; then bench_scaling; return; fi
     if [ -n "$backlog" ]; then
         [ "$bcount" = 200000 ] && bcount=10000000
         bench_backlog "$bcount"
         return
     fi
+    if [ -n "$forward_only" ]; then bench_forward_rows; return; fi
     # P and L need the whole run to fit in the queue (nothing consumes).
     local fill=$(( bcount < 30000 ? bcount : 30000 )) lat=20000 peak=0
     printf 'messages of %s bytes; E/E4: %s messages, window 256; P: %s messages into an empty queue, ring of 32767; L: %s round trips, window 1\n' \
@@ -348,13 +454,37 @@ bench() {
         sizes+="$program $(stat -c %s "$bdir/$program.stripped") bytes; "
     done
     printf 'stripped binaries: %s\n' "${sizes%; }"
+    bench_forward_rows
+}
+
+# The forward row and, for comparison, JetStream's own pipelined publish.
+bench_forward_rows() {
+    if ! command -v nats-server >/dev/null 2>&1; then
+        echo "forward: not measured: needs the Debian package nats-server"
+        return
+    fi
+    local fwd fwd_wide js js_before js_after ratio
+    # JetStream before and after the forward runs, so that the ratio is
+    # taken against the same machine load.
+    js_before=$(bench_jetstream_p)
+    fwd=$(bench_forward "$bcount" 256)
+    fwd_wide=$(bench_forward "$bcount" 1024)
+    js_after=$(bench_jetstream_p)
+    js=$(( (js_before + js_after) / 2 ))
+    ratio() { awk -v a="$1" -v b="$js" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "?" }'; }
+    printf 'forward (consumer --to-nats, %s messages of %s bytes backlogged, fresh file stream):\n' "$bcount" "$bsize"
+    printf '  --window 256 (default): %s msgs/s (%s x jetstream P)\n' "$fwd" "$(ratio "$fwd")"
+    printf '  --window 1024:          %s msgs/s (%s x jetstream P)\n' "$fwd_wide" "$(ratio "$fwd_wide")"
+    printf 'jetstream P (peerbench, PUB with a reply inbox, window 256, same sitting): %s msgs/s (runs before and after: %s, %s)\n' \
+        "$js" "$js_before" "$js_after"
 }
 
 case "${1:-}" in
     "") build ;;
     test) run_tests ;;
+    install) shift; install_binaries "$@" ;;
     demo) demo ;;
     bench) shift; bench "$@" ;;
     clean) cargo clean; rm -rf bin ;;
-    *) echo "usage: ./build.sh [test|demo|bench|clean]" >&2; exit 2 ;;
+    *) echo "usage: ./build.sh [test|install [FROM [TO]]|demo|bench|clean]" >&2; exit 2 ;;
 esac

@@ -69,10 +69,14 @@ pub struct Counters {
     /// Deliveries read from the segments (behind the ring's window, or
     /// for a slot that could not be trusted).
     pub delivered_from_disk: AtomicU64,
+    /// Connections closed with `ERROR:Authentication failed`.
+    pub auth_failures: AtomicU64,
 }
 
 /// Settings the core needs from the command line.
 pub struct CoreConfig {
+    /// The broker's stable id, shown in `STATS` (see `instance.rs`).
+    pub instance: String,
     pub messages_file: PathBuf,
     pub send_timeout: Duration,
     pub consumer_ttl: Duration,
@@ -717,7 +721,7 @@ impl Core {
     }
 
     /// The `STATS` fields.
-    pub fn stats(&self) -> Vec<(&'static str, StatValue<'static>)> {
+    pub fn stats(&self) -> Vec<(&'static str, StatValue<'_>)> {
         let (held, next_id, cursors, in_flight, held_bytes, segments) = {
             let inner = self.inner();
             let state = &inner.state;
@@ -756,12 +760,14 @@ impl Core {
             ("delivered_from_disk", count(&c.delivered_from_disk)),
             ("refused_full", count(&c.refused_full)),
             ("idle_drops", count(&c.idle_drops)),
+            ("auth_failures", count(&c.auth_failures)),
             ("file_bytes", StatValue::Gauge(held_bytes)),
             ("fsync", StatValue::Text(self.config.fsync.name())),
             (
                 "uptime_s",
                 StatValue::Gauge(self.started.elapsed().as_secs()),
             ),
+            ("instance", StatValue::Text(&self.config.instance)),
         ]
     }
 

@@ -64,6 +64,7 @@ impl Harness {
             },
         };
         let mut config = CoreConfig {
+            instance: "00000000000000aa".into(),
             messages_file: path,
             send_timeout: Duration::from_millis(10),
             consumer_ttl: Duration::from_secs(60),
