@@ -201,21 +201,12 @@ pub fn parse_broker_args(
                     ))
                 })?;
             }
-            Long("capacity") => {
-                config.capacity = number(&mut parser, "--capacity", 1, MAX_CAPACITY)?
-            }
-            Long("max-bytes") => {
-                config.max_bytes = bytes(&mut parser, "--max-bytes", 4 * MIN_SEGMENT_SIZE)?
-            }
-            Long("ring") => config.ring = number(&mut parser, "--ring", 1, MAX_RING)?,
-            Long("segment-size") => {
-                config.segment_size = bytes(&mut parser, "--segment-size", MIN_SEGMENT_SIZE)?
-            }
-            Long("max-msg-size") => {
-                config.max_msg_size = number(&mut parser, "--max-msg-size", 1, MAX_MSG_SIZE)?
-            }
-            Long("max-clients") => {
-                config.max_clients = number(&mut parser, "--max-clients", 1, MAX_CLIENTS)?
+            Long(
+                name @ ("capacity" | "max-bytes" | "ring" | "segment-size" | "max-msg-size"
+                | "max-clients"),
+            ) => {
+                let name = name.to_owned();
+                queue_size(&mut parser, &name, &mut config)?
             }
             Long("idle-timeout") => config.idle_timeout = seconds(&mut parser, "--idle-timeout")?,
             Long("consumer-ttl") => config.consumer_ttl = seconds(&mut parser, "--consumer-ttl")?,
@@ -318,6 +309,25 @@ pub fn check_sizes(config: &BrokerConfig, limit: u64) -> Result<(), UsageError> 
         .and_then(|buffers| buffers.checked_add(layout.len as u64))
         .filter(|&total| total <= limit)
         .ok_or_else(too_big)?;
+    Ok(())
+}
+
+/// The options that size the queue and its buffers: `--capacity`
+/// (messages on disk), `--max-bytes`, `--ring` (slots in shared memory),
+/// `--segment-size`, `--max-msg-size`, `--max-clients`.
+fn queue_size(
+    parser: &mut lexopt::Parser,
+    name: &str,
+    config: &mut BrokerConfig,
+) -> Result<(), UsageError> {
+    match name {
+        "capacity" => config.capacity = number(parser, "--capacity", 1, MAX_CAPACITY)?,
+        "max-bytes" => config.max_bytes = bytes(parser, "--max-bytes", 4 * MIN_SEGMENT_SIZE)?,
+        "ring" => config.ring = number(parser, "--ring", 1, MAX_RING)?,
+        "max-msg-size" => config.max_msg_size = number(parser, "--max-msg-size", 1, MAX_MSG_SIZE)?,
+        "max-clients" => config.max_clients = number(parser, "--max-clients", 1, MAX_CLIENTS)?,
+        _ => config.segment_size = bytes(parser, "--segment-size", MIN_SEGMENT_SIZE)?,
+    }
     Ok(())
 }
 

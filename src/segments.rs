@@ -1122,6 +1122,17 @@ impl SegmentLog {
     }
 }
 
+/// The bytes of the record at `offset` (at most `whole`): the header
+/// first, then exactly the record, so the window is refilled a chunk at a
+/// time, not once per record.
+fn record_at<'w>(window: &'w mut Window<'_>, offset: u64, whole: usize) -> io::Result<&'w [u8]> {
+    let want = match Header::parse(window.get(offset, MAX_HEADER)?) {
+        Header::Whole { size, len, .. } => (len + size + 1).min(whole),
+        _ => MAX_HEADER,
+    };
+    window.get(offset, want)
+}
+
 /// Where record `id` of `segment` starts, walking the headers from the
 /// index entry before it.
 fn offset_of(file: &File, segment: &Segment, id: u64) -> Result<u64, SegmentError> {
@@ -1247,18 +1258,8 @@ impl SegmentLog {
         let whole = MAX_HEADER + self.max_msg_size + 1;
         let mut spent = false;
         while at_id < segment.next_id {
-            // The header first, then exactly the record: the window is
-            // refilled a chunk at a time, not per record.
-            let head = window
-                .get(offset, MAX_HEADER)
-                .map_err(io_error("read", &segment.path))?;
-            let want = match Header::parse(head) {
-                Header::Whole { size, len, .. } => (len + size + 1).min(whole),
-                _ => MAX_HEADER,
-            };
-            let bytes = window
-                .get(offset, want)
-                .map_err(io_error("read", &segment.path))?;
+            let bytes =
+                record_at(&mut window, offset, whole).map_err(io_error("read", &segment.path))?;
             let place = match check_record(bytes, self.max_msg_size) {
                 Ok(Some(place)) if place.id == at_id => place,
                 Ok(Some(place)) => {

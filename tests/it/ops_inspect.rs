@@ -23,7 +23,7 @@ fn inspect(shm_key: i32, sem_key: i32) -> std::process::Output {
 #[test]
 fn inspect_shows_the_live_queue_read_only() {
     let dir = TestDir::new("inspect");
-    let broker = Broker::start(&dir, &["--capacity", "8", "--max-msg-size", "64"]);
+    let broker = Broker::start(&dir, &["--ring", "8", "--max-msg-size", "64"]);
     let _holder = broker.consumer("holder");
     let mut producer = broker.producer();
     for n in 1..=8 {
