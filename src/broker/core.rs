@@ -138,6 +138,9 @@ pub struct Core {
     /// Signalled (with `inner`) when room is made: the head moved, a
     /// segment was deleted, messages were cut back.
     room: Condvar,
+    /// Senders waiting on `room` (changed under `inner`): a release with
+    /// nobody waiting skips the wake-up, a system call per GET batch.
+    room_waiters: AtomicU64,
     started: Instant,
 }
 
@@ -195,6 +198,7 @@ impl Core {
                 content: Vec::new(),
             }),
             room: Condvar::new(),
+            room_waiters: AtomicU64::new(0),
             started: now,
         })
     }
@@ -259,11 +263,13 @@ impl Core {
             if left.is_zero() || give_up() {
                 return Chunk::Full;
             }
+            self.room_waiters.fetch_add(1, Ordering::Relaxed);
             guard = self
                 .room
                 .wait_timeout(guard, left.min(WAIT_SLICE))
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
+            self.room_waiters.fetch_sub(1, Ordering::Relaxed);
         };
         let result = self.append(&mut guard, &chunk[..count], timestamp);
         drop(guard);
@@ -410,7 +416,7 @@ impl Core {
         } else {
             inner.state.cut_back(new_next);
             inner.ring_first = inner.ring_first.min(new_next);
-            self.room.notify_all();
+            self.wake_senders();
         }
         self.durability.cut_done(generation, ok.is_ok(), &self.log);
     }
@@ -553,14 +559,22 @@ impl Core {
         };
         inner.state.released(new_head);
         self.delete_segments(inner);
-        self.room.notify_all();
+        self.wake_senders();
+    }
+
+    /// Wakes the senders waiting for room, if any. Called under `inner`,
+    /// which the waiters' count changes under too, so none is missed.
+    fn wake_senders(&self) {
+        if self.room_waiters.load(Ordering::Relaxed) > 0 {
+            self.room.notify_all();
+        }
     }
 
     /// Deletes the segments wholly before the head (never the active one).
     fn delete_segments(&self, inner: &mut Inner) {
         match inner.log.delete_before(inner.state.head()) {
             Ok(freed) if freed.segments > 0 => {
-                self.room.notify_all();
+                self.wake_senders();
                 if self.log.enabled(Level::Debug) {
                     self.log.debug(format_args!(
                         "deleted {} consumed segment(s), {} bytes",
