@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build, test and demo the broker. Runs from any working directory.
 #   ./build.sh          release binaries into bin/ (broker, producer, consumer)
+#   ./build.sh install [FROM [TO]]  copy built binaries (target/release) into
+#                       bin/ atomically, without building
 #   ./build.sh test     cargo fmt --check, clippy -D warnings, every test
 #   ./build.sh demo     a broker, a consumer and a producer, end to end
 #   ./build.sh bench    throughput, latency and memory figures (docs/performance.md)
@@ -9,12 +11,23 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
+# Copies the three programs from $1 into $2 atomically: each is copied to
+# a temporary name in $2 and renamed over the old one. A broker running
+# from $2 keeps its (now unlinked) file, so there is no "Text file busy",
+# and nobody ever runs a half-copied binary.
+install_binaries() {
+    local from=${1:-target/release} to=${2:-bin}
+    mkdir -p "$to"
+    for program in broker producer consumer; do
+        local tmp="$to/.$program.tmp.$$"
+        cp "$from/$program" "$tmp"
+        mv -f "$tmp" "$to/$program"
+    done
+}
+
 build() {
     cargo build --release --locked
-    mkdir -p bin
-    for program in broker producer consumer; do
-        cp "target/release/$program" "bin/$program"
-    done
+    install_binaries target/release bin
     echo "built: bin/broker bin/producer bin/consumer"
 }
 
@@ -42,6 +55,7 @@ run_tests() {
     # The NATS forwarder's tests (tests/it/nats_forward.rs) run real
     # nats-server processes.
     ensure_tool nats-server nats-server
+    ensure_tool curl curl
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
     local log status=0
@@ -384,8 +398,9 @@ bench_forward_rows() {
 case "${1:-}" in
     "") build ;;
     test) run_tests ;;
+    install) shift; install_binaries "$@" ;;
     demo) demo ;;
     bench) shift; bench "$@" ;;
     clean) cargo clean; rm -rf bin ;;
-    *) echo "usage: ./build.sh [test|demo|bench|clean]" >&2; exit 2 ;;
+    *) echo "usage: ./build.sh [test|install [FROM [TO]]|demo|bench|clean]" >&2; exit 2 ;;
 esac

@@ -9,10 +9,12 @@
 use std::env;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::cli::{UsageError, parse_number};
 use crate::protocol::{self, Command, ErrorCode, Line, LineReader, Reply};
+use crate::token::Token;
 
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,6 +39,8 @@ pub const MAX_REPLY_LINE: usize = protocol::MAX_MSG_SIZE_LIMIT as usize + protoc
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
+    /// Sent as `AUTH:<token>` first on every connection (`--token-file`).
+    pub token: Option<Token>,
 }
 
 impl std::fmt::Display for Endpoint {
@@ -79,7 +83,28 @@ impl Endpoint {
                 None => 8080,
             },
         };
-        Ok(Endpoint { host, port })
+        Ok(Endpoint {
+            host,
+            port,
+            token: None,
+        })
+    }
+
+    /// Adds the token from `file` (`--token-file`), or else from the file
+    /// named by `$BROKER_TOKEN_FILE`; neither: no token.
+    pub fn with_token_file(mut self, file: Option<PathBuf>) -> Result<Endpoint, UsageError> {
+        let (file, source) = match file {
+            Some(file) => (file, "--token-file"),
+            None => match env::var_os("BROKER_TOKEN_FILE").filter(|v| !v.is_empty()) {
+                Some(file) => (PathBuf::from(file), "BROKER_TOKEN_FILE"),
+                None => return Ok(self),
+            },
+        };
+        // The broker insists on a private file; a client only reads it.
+        let token =
+            Token::load(&file, false).map_err(|err| UsageError(format!("{source}: {err}")))?;
+        self.token = Some(token);
+        Ok(self)
     }
 }
 
@@ -91,6 +116,8 @@ pub struct CommonArgs {
     pub port: Option<u16>,
     pub retries: Option<u32>,
     pub heartbeat: Duration,
+    /// `--token-file`: the broker's `--auth-token-file` token.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for CommonArgs {
@@ -100,13 +127,14 @@ impl Default for CommonArgs {
             port: None,
             retries: None,
             heartbeat: DEFAULT_HEARTBEAT,
+            token_file: None,
         }
     }
 }
 
 impl CommonArgs {
     /// The long options (without `--`) that [`take`](Self::take) knows.
-    pub const OPTIONS: [&'static str; 4] = ["host", "port", "retries", "heartbeat"];
+    pub const OPTIONS: [&'static str; 5] = ["host", "port", "retries", "heartbeat", "token-file"];
 
     /// Reads the value of the shared option `--<name>` (one of
     /// [`OPTIONS`](Self::OPTIONS)).
@@ -116,6 +144,7 @@ impl CommonArgs {
             "host" => self.host = Some(string(parser, "--host")?),
             "port" => self.port = Some(number(parser, "--port", 1, 65535)?),
             "retries" => self.retries = Some(number(parser, "--retries", 0, u64::from(u32::MAX))?),
+            "token-file" => self.token_file = Some(parser.value()?.into()),
             _ => {
                 let seconds = number(parser, "--heartbeat", 1, MAX_HEARTBEAT_S)?;
                 self.heartbeat = Duration::from_secs(seconds);
@@ -363,6 +392,17 @@ impl Connection {
         }
     }
 
+    /// Sends `AUTH:<token>` and checks the `OK:AUTH`.
+    pub fn authenticate(&mut self, token: &Token) -> Result<(), ClientError> {
+        let reply = self.request(&Command::Auth(token.bytes()))?;
+        if protocol::parse_reply(&reply) != Reply::Auth {
+            return Err(ClientError::Protocol(
+                String::from_utf8_lossy(&reply).into_owned(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Registers as a producer.
     pub fn register_producer(&mut self) -> Result<(), ClientError> {
         let reply = self.request(&Command::RegisterProducer)?;
@@ -431,6 +471,10 @@ pub fn connect_with_retry<T>(
         let attempt = Connection::connect(endpoint)
             .map_err(ClientError::Io)
             .and_then(|mut conn| {
+                // AUTH first, on every connection: reconnections too.
+                if let Some(token) = &endpoint.token {
+                    conn.authenticate(token)?;
+                }
                 let value = setup(&mut conn)?;
                 Ok((conn, value))
             });
@@ -512,6 +556,7 @@ mod tests {
         let endpoint = Endpoint {
             host: "::1".into(),
             port: 7,
+            token: None,
         };
         assert_eq!(endpoint.to_string(), "[::1]:7");
     }

@@ -7,7 +7,7 @@
 //! [`crate::cli`], so they word their errors alike.
 
 use std::ffi::OsString;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -39,6 +39,17 @@ pub struct BrokerConfig {
     pub log_file: PathBuf,
     pub log_level: Level,
     pub repair: bool,
+    /// `--auth-token-file`: where the token is (read by the binary).
+    pub auth_token_file: Option<PathBuf>,
+    /// The token read from it: connections must send `AUTH:<token>` first.
+    pub auth_token: Option<crate::token::Token>,
+    /// Without a token, serve loopback peers only (off with
+    /// `--no-protected-mode`).
+    pub protected_mode: bool,
+    /// `--http ADDR`: where `/metrics` and `/healthz` are served.
+    pub http: Option<SocketAddr>,
+    /// `--inspect`: print the live queue under the keys, then exit.
+    pub inspect: bool,
     /// Cursors (consumer ids) the broker keeps at most.
     pub max_consumers: usize,
     /// How long a new connection has to register before it is dropped.
@@ -67,6 +78,11 @@ impl BrokerConfig {
             log_file: PathBuf::from("cola_mensajes.log"),
             log_level: Level::Info,
             repair: false,
+            auth_token_file: None,
+            auth_token: None,
+            protected_mode: true,
+            http: None,
+            inspect: false,
             max_consumers: 10_000,
             register_timeout: Duration::from_secs(10),
         }
@@ -90,6 +106,7 @@ pub const MAX_CONSUMERS: u64 = 1_000_000;
 
 pub const BROKER_USAGE: &str = "\
 usage: broker [OPTIONS] <messages_file>
+       broker --inspect [--shm-key K] [--sem-key K]
 
 Single-host message broker: a queue in SysV shared memory, persisted to
 <messages_file> (offsets in <messages_file>.offsets), served over TCP.
@@ -112,6 +129,12 @@ options:
       --log-file PATH     operations log                      [cola_mensajes.log]
       --log-level L       error, warn, info or debug          [info]
       --repair            start from a damaged messages file, keeping its valid records
+      --auth-token-file F require AUTH:<token> first; the token is F's first line
+                          (16 bytes or more; F must not be readable by group/others)
+      --no-protected-mode without a token, serve other hosts too (default: loopback only)
+      --http ADDR         serve GET /metrics and /healthz on ADDR (e.g. 127.0.0.1:9100) [off]
+      --inspect           print the live queue under --shm-key/--sem-key, then exit
+                          (no <messages_file> needed)
       --max-consumers N   cursors (consumer ids) kept at most     [10000]
       --register-timeout S seconds a new connection has to register [10]
   -h, --help              print this help
@@ -180,6 +203,10 @@ pub fn parse_broker_args(
                 })?;
             }
             Long("repair") => config.repair = true,
+            Long(name @ ("auth-token-file" | "no-protected-mode" | "http" | "inspect")) => {
+                let name = name.to_owned();
+                operator_option(&name, &mut parser, &mut config)?;
+            }
             Long("max-consumers") => config.max_consumers = max_consumers(&mut parser)?,
             Long("register-timeout") => {
                 config.register_timeout = seconds(&mut parser, "--register-timeout")?
@@ -189,6 +216,9 @@ pub fn parse_broker_args(
             Value(value) if file.is_none() => file = Some(value.into()),
             _ => return Err(arg.unexpected().into()),
         }
+    }
+    if config.inspect && file.is_none() {
+        return Ok(Parsed::Run(config));
     }
     finish(config, file)
 }
@@ -269,6 +299,29 @@ pub fn parse_ipc_key(text: &str) -> Option<i32> {
     (value != 0).then_some(value as i32)
 }
 
+/// The operator's options (access, monitoring, inspection), apart so the
+/// main parser stays short.
+fn operator_option(
+    name: &str,
+    parser: &mut lexopt::Parser,
+    config: &mut BrokerConfig,
+) -> Result<(), UsageError> {
+    match name {
+        "auth-token-file" => config.auth_token_file = Some(parser.value()?.into()),
+        "no-protected-mode" => config.protected_mode = false,
+        "http" => {
+            let text = string(parser, "--http")?;
+            config.http = Some(text.parse().map_err(|_| {
+                UsageError(format!(
+                    "invalid value '{text}' for --http: expected IP:PORT, e.g. 127.0.0.1:9100"
+                ))
+            })?);
+        }
+        _ => config.inspect = true,
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +389,39 @@ mod tests {
         assert_eq!(config.register_timeout, Duration::from_secs(3));
         let err = parse(&["--port", "x", "f"]).unwrap_err();
         assert!(err.0.contains("'x'") && err.0.contains("--port"), "{err}");
+    }
+
+    #[test]
+    fn the_operator_s_options() {
+        let Parsed::Run(config) = parse(&["f"]).unwrap() else {
+            panic!()
+        };
+        assert!(config.protected_mode && config.http.is_none() && !config.inspect);
+        let Parsed::Run(config) = parse(&[
+            "--auth-token-file",
+            "t",
+            "--no-protected-mode",
+            "--http",
+            "127.0.0.1:9100",
+            "f",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(config.auth_token_file, Some(PathBuf::from("t")));
+        assert!(!config.protected_mode);
+        assert_eq!(config.http, Some("127.0.0.1:9100".parse().unwrap()));
+        // --inspect needs no messages file.
+        let Parsed::Run(config) = parse(&["--inspect", "--shm-key", "0x10"]).unwrap() else {
+            panic!()
+        };
+        assert!(config.inspect && config.shm_key == 16);
+        let err = parse(&["--http", "9100", "f"]).unwrap_err();
+        assert!(
+            err.0.contains("'9100'") && err.0.contains("--http"),
+            "{err}"
+        );
+        assert!(parse(&["--auth-token-file"]).is_err());
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct ConsumerOptions {
     /// Ack mode: acknowledge each message once printed and flushed (needs
     /// `id`).
     pub ack: bool,
+    /// `--exec CMD`: run CMD per message instead of printing it (see
+    /// [`crate::exec`]); only a message whose CMD exits 0 counts as done.
+    pub exec: Option<String>,
 }
 
 /// Default number of pipelined GETs.
@@ -221,6 +224,7 @@ pub fn run(options: &ConsumerOptions) -> i32 {
     let mut id = options.id.clone();
     let mut backoff = Backoff::new(options.retries);
     let mut progress = Progress::new(options.heartbeat.max(client::MIN_HEARTBEAT));
+    watch_stdout();
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     loop {
@@ -298,12 +302,43 @@ pub fn run(options: &ConsumerOptions) -> i32 {
                 return 0;
             }
             Ok(Next::Reconnect) => {}
-            Err(err) => {
-                eprintln!("consumer: cannot write to stdout: {err}");
-                return 1;
-            }
+            Err(err) => return stdout_failed(&err),
         }
     }
+}
+
+/// Exit status when the reader of stdout went away: what a shell shows
+/// for a program killed by SIGPIPE (128 + 13).
+pub const EXIT_STDOUT_CLOSED: i32 = 141;
+
+/// Says why stdout failed; returns the exit status. A reader that went
+/// away ends the run as when the stdout watcher sees it first.
+fn stdout_failed(err: &io::Error) -> i32 {
+    if err.kind() == io::ErrorKind::BrokenPipe {
+        eprintln!("consumer: the reader of stdout went away; exiting");
+        return EXIT_STDOUT_CLOSED;
+    }
+    eprintln!("consumer: cannot write to stdout: {err}");
+    1
+}
+
+/// Exits the process as soon as nobody reads stdout any more (`consumer |
+/// head -3`), not at the next message, which may be hours away. A thread
+/// of its own, because the main one sleeps in socket reads. What was
+/// fetched and not yet written is not acknowledged, so in ack mode the
+/// broker delivers it again; without ack mode it was consumed.
+fn watch_stdout() {
+    let spawned = std::thread::Builder::new()
+        .name("stdout-watch".into())
+        .stack_size(64 * 1024)
+        .spawn(|| {
+            if crate::sys::service::wait_output_closed(&io::stdout()).is_ok() {
+                eprintln!("consumer: the reader of stdout went away; exiting");
+                std::process::exit(EXIT_STDOUT_CLOSED);
+            }
+        });
+    // Without the thread the consumer still notices at its next write.
+    drop(spawned);
 }
 
 /// The broker's next message id, from `STATS` (`None` if it does not say).
@@ -363,6 +398,8 @@ struct Session {
     /// Done: no more `GET`s; wait for the acks due, then quit.
     finishing: bool,
     skipped: Skipped,
+    /// `--exec`: the command that takes each message.
+    exec: Option<String>,
 }
 
 impl Session {
@@ -381,6 +418,7 @@ impl Session {
             to_ack: std::mem::take(&mut progress.unconfirmed),
             finishing: false,
             skipped: Skipped::default(),
+            exec: options.exec.clone(),
         };
         session.finishing = session.count_reached(progress);
         session
@@ -566,11 +604,11 @@ impl Session {
             progress.skipped += 1;
         } else {
             self.skipped.report();
-            if self.verbose {
-                write!(out, "{id}\t")?;
+            if !self.deliver(id, content, out)? {
+                // Not done: neither remembered nor acknowledged, so in ack
+                // mode the broker delivers it again after its ack wait.
+                return Ok(());
             }
-            out.write_all(content)?;
-            out.write_all(b"\n")?;
             progress.received += 1;
             progress.last_message = Instant::now();
             progress.printed.insert(id);
@@ -582,6 +620,33 @@ impl Session {
             self.to_ack.push(id);
         }
         Ok(())
+    }
+
+    /// Prints the message, or hands it to `--exec`; false when the
+    /// command failed (logged on stderr).
+    fn deliver(&mut self, id: u64, content: &[u8], out: &mut impl Write) -> io::Result<bool> {
+        let Some(command) = &self.exec else {
+            if self.verbose {
+                write!(out, "{id}\t")?;
+            }
+            out.write_all(content)?;
+            out.write_all(b"\n")?;
+            return Ok(true);
+        };
+        match crate::exec::run(command, id, content) {
+            Ok(()) => Ok(true),
+            Err(why) => {
+                eprintln!(
+                    "consumer: --exec failed for message {id}: {why}; {}",
+                    if self.ack {
+                        "not acknowledged: the broker delivers it again after its ack wait"
+                    } else {
+                        "without --ack it is not delivered again"
+                    }
+                );
+                Ok(false)
+            }
+        }
     }
 
     /// The connection ends: what was printed and not confirmed, to be
@@ -716,6 +781,7 @@ mod tests {
             endpoint: Endpoint {
                 host: "localhost".into(),
                 port: 1,
+                token: None,
             },
             id: Some("t".into()),
             count,
@@ -725,6 +791,7 @@ mod tests {
             retries: None,
             heartbeat: client::DEFAULT_HEARTBEAT,
             ack,
+            exec: None,
         }
     }
 

@@ -27,9 +27,12 @@ pub mod client;
 pub mod config;
 pub mod consumer;
 pub mod disk;
+pub mod exec;
 pub mod forward;
+pub mod inspect;
 pub mod log;
 pub mod nats;
+pub mod notify;
 pub mod pool;
 pub mod producer;
 pub mod protocol;
@@ -39,3 +42,4 @@ pub mod store;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod text;
+pub mod token;

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -52,29 +52,39 @@ impl FromStr for Level {
 pub struct Logger {
     level: Level,
     file: Option<Mutex<File>>,
+    /// Where `file` was opened, for [`Logger::reopen`].
+    path: Option<PathBuf>,
 }
 
 impl Logger {
     /// Appends to `path` (created 0600 if missing).
     pub fn open(path: &Path, level: Level) -> io::Result<Logger> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| {
-                io::Error::new(e.kind(), format!("open log file {}: {e}", path.display()))
-            })?;
         Ok(Logger {
             level,
-            file: Some(Mutex::new(file)),
+            file: Some(Mutex::new(open_append(path)?)),
+            path: Some(path.to_path_buf()),
         })
+    }
+
+    /// Opens the log file's path again and writes there from now on: after
+    /// logrotate renamed the file (SIGHUP), so no `copytruncate` is needed.
+    /// On failure the old file stays in use. Returns the path reopened.
+    pub fn reopen(&self) -> io::Result<Option<&Path>> {
+        let (Some(file), Some(path)) = (&self.file, &self.path) else {
+            return Ok(None);
+        };
+        let new = open_append(path)?;
+        *file.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = new;
+        Ok(Some(path))
     }
 
     /// A logger that writes warnings and errors to stderr only.
     pub fn stderr_only(level: Level) -> Logger {
-        Logger { level, file: None }
+        Logger {
+            level,
+            file: None,
+            path: None,
+        }
     }
 
     /// Whether lines at `level` are written.
@@ -122,6 +132,17 @@ impl Logger {
     pub fn debug(&self, message: fmt::Arguments<'_>) {
         self.log(Level::Debug, message)
     }
+}
+
+/// Opens `path` for appending, created 0600 if missing.
+fn open_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("open log file {}: {e}", path.display())))
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for `time`, computed by hand (no time crate).

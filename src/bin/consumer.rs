@@ -26,11 +26,16 @@ once: each is acknowledged to the broker only once JetStream stored it.
 
 options:
       --id ID             consumer id to resume (1-64 of A-Z a-z 0-9 . _ -)
-      --ack               acknowledge each message once printed and flushed;
-                          what is not acknowledged (the consumer was killed)
-                          is delivered again to ID: at least once, so
-                          'consumer --id ID --ack | program' loses nothing.
-                          Needs --id; an id keeps the mode it was created in
+      --ack               acknowledge each message once written to stdout and
+                          flushed; what is not acknowledged (the consumer was
+                          killed first) is delivered again to ID: at least once.
+                          Needs --id; an id keeps the mode it was created in.
+                          Through a pipe this protects what reached the pipe,
+                          not what the program behind it finished: use --exec
+      --exec CMD          run 'sh -c CMD' per message, one at a time, content
+                          on its stdin, $MSG_ID in its environment; with --ack
+                          only a message whose CMD exits 0 is acknowledged
+                          (a failure is logged and redelivered after the ack wait)
   -c, --count N           exit after N distinct messages printed
   -t, --timeout S         exit after S seconds without a message
   -v, --verbose           print '<id><TAB><content>' and a final count
@@ -47,6 +52,8 @@ options:
                           [SUBJECT with . * > as _]
       --nats-token-file F NATS token (instead of USER:PASS in the URL)
                           (with --to-nats, --window is the publishes in flight [256])
+      --token-file FILE   send AUTH with the token in FILE's first line first
+                          (the broker's --auth-token-file)  [$BROKER_TOKEN_FILE]
   -h, --help              print this help
   -V, --version           print the version
 ";
@@ -140,6 +147,7 @@ fn parse() -> Result<Option<Mode>, UsageError> {
         endpoint: Endpoint {
             host: String::new(),
             port: 0,
+            token: None,
         },
         id: None,
         count: None,
@@ -149,6 +157,7 @@ fn parse() -> Result<Option<Mode>, UsageError> {
         retries: None,
         heartbeat: Default::default(),
         ack: false,
+        exec: None,
     };
     let mut to_nats = NatsArgs::default();
     while let Some(arg) = parser.next()? {
@@ -178,6 +187,7 @@ fn parse() -> Result<Option<Mode>, UsageError> {
                 )?))
             }
             Long("ack") => options.ack = true,
+            Long("exec") => options.exec = Some(string(&mut parser, "--exec")?),
             Short('v') | Long("verbose") => options.verbose = true,
             Short('w') | Long("window") => {
                 options.window = number(&mut parser, "--window", 1, 4096)?;
@@ -213,7 +223,8 @@ fn finish(
         ));
     }
     options.endpoint =
-        Endpoint::resolve(common.host, common.port, Some(("SERVER_IP", "SERVER_PORT")))?;
+        Endpoint::resolve(common.host, common.port, Some(("SERVER_IP", "SERVER_PORT")))?
+            .with_token_file(common.token_file)?;
     options.retries = common.retries;
     options.heartbeat = common.heartbeat;
     Ok(match to_nats.into_forward(&options)? {

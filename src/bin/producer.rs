@@ -29,6 +29,8 @@ options:
       --retries N         reconnection attempts before giving up   [no limit]
       --heartbeat S       heartbeat after S idle seconds           [20]
                           (keep it well under the broker's --idle-timeout)
+      --token-file FILE   send AUTH with the token in FILE's first line first
+                          (the broker's --auth-token-file)  [$BROKER_TOKEN_FILE]
   -h, --help              print this help
   -V, --version           print the version
 ";
@@ -41,6 +43,7 @@ fn parse() -> Result<Option<ProducerOptions>, UsageError> {
         endpoint: Endpoint {
             host: String::new(),
             port: 0,
+            token: None,
         },
         count: None,
         interval: Duration::from_millis(1000),
@@ -86,7 +89,8 @@ fn parse() -> Result<Option<ProducerOptions>, UsageError> {
             _ => return Err(arg.unexpected().into()),
         }
     }
-    options.endpoint = Endpoint::resolve(common.host, common.port, None)?;
+    options.endpoint =
+        Endpoint::resolve(common.host, common.port, None)?.with_token_file(common.token_file)?;
     options.retries = common.retries;
     options.heartbeat = common.heartbeat;
     Ok(Some(options))

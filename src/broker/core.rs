@@ -88,6 +88,8 @@ pub struct Counters {
     pub idle_drops: AtomicU64,
     pub acked: AtomicU64,
     pub redelivered: AtomicU64,
+    /// Connections closed with `ERROR:Authentication failed`.
+    pub auth_failures: AtomicU64,
 }
 
 /// Settings the core needs from the command line.
@@ -692,6 +694,7 @@ impl Core {
             ("redelivered", count(&c.redelivered)),
             ("refused_full", count(&c.refused_full)),
             ("idle_drops", count(&c.idle_drops)),
+            ("auth_failures", count(&c.auth_failures)),
             ("file_bytes", StatValue::Gauge(file_len)),
             ("fsync", StatValue::Text(self.config.fsync.name())),
             (

@@ -8,10 +8,12 @@
 //! pushes left pending); one backs the queue's memory once it is first
 //! used. Every thread is joined before [`run`] returns.
 
+pub mod auth;
 mod conn;
 mod core;
 mod cursor;
 mod durability;
+mod http;
 pub mod instance;
 mod panic;
 mod recovery;
@@ -30,11 +32,13 @@ use self::core::{Core, CoreConfig};
 use self::recovery::Recovered;
 use crate::config::BrokerConfig;
 use crate::log::Logger;
+use crate::notify::Notifier;
 use crate::pool::Pool;
 use crate::protocol::ErrorCode;
 use crate::queue::{MAX_SEND_WAIT, Ring};
 use crate::store::FsyncPolicy;
 use crate::sys::os;
+use crate::sys::service::{self, Signal};
 
 /// Stack of a pool worker: its frames are small and buffers live on the
 /// heap, so a small stack keeps 100 idle workers cheap.
@@ -58,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     /// Connections accepted and not yet finished (queued or served).
     pub(crate) active: AtomicUsize,
+    /// Token and protected mode (see [`auth`]).
+    pub(crate) access: auth::Access,
 }
 
 /// Why the broker did not start, or did not stop cleanly (exit status 1).
@@ -125,7 +131,8 @@ impl From<String> for StartError {
 /// stdout once it accepts connections.
 pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     // First, before any thread exists, so that every thread inherits it.
-    os::block_termination_signals()?;
+    // SIGHUP, SIGUSR1 and SIGUSR2 too: blocked, they cannot kill it.
+    service::block_service_signals()?;
     os::ignore_file_size_signal();
     let log = Arc::new(Logger::open(&config.log_file, config.log_level)?);
     panic::install(Arc::clone(&log));
@@ -137,15 +144,33 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         config.max_msg_size,
         config.fsync.name()
     ));
-    let result = start_and_serve(config, &log);
-    if let Err(err) = &result {
-        // The binary prints it on stderr; the log keeps a copy.
-        log.file_only(crate::log::Level::Error, format_args!("{err}"));
-    }
+    let notifier = Notifier::from_env();
+    let result = start_and_serve(config, &log, &notifier);
+    let status = match &result {
+        Ok(()) => "stopped cleanly".to_string(),
+        Err(err) => {
+            // The binary prints it on stderr; the log keeps a copy.
+            log.file_only(crate::log::Level::Error, format_args!("{err}"));
+            format!("failed: {err}")
+        }
+    };
+    notify(&log, notifier.status(&status));
     result
 }
 
-fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartError> {
+/// Logs a failed notification to the service manager (at most a warning:
+/// the broker serves on without it).
+fn notify(log: &Logger, sent: std::io::Result<()>) {
+    if let Err(err) = sent {
+        log.warn(format_args!("NOTIFY_SOCKET: {err}"));
+    }
+}
+
+fn start_and_serve(
+    config: BrokerConfig,
+    log: &Arc<Logger>,
+    notifier: &Notifier,
+) -> Result<(), StartError> {
     // One broker per messages file: recovery may cut the file, so take its
     // lock before reading it, and refuse keys in use before touching
     // anything.
@@ -179,16 +204,28 @@ fn start_and_serve(config: BrokerConfig, log: &Arc<Logger>) -> Result<(), StartE
     // The offsets file now matches what recovery decided (clamped cursors,
     // a repaired file), before anyone is served.
     core.save_offsets(true)?;
+    let access = auth::Access::new(config.auth_token.clone(), config.protected_mode);
     let shared = Arc::new(Shared {
         core,
         config,
         shutting_down: AtomicBool::new(false),
         active: AtomicUsize::new(0),
+        access,
     });
+    // Before the other threads, so a --http address in use stops the start
+    // with nothing to wind down.
+    let http = match shared.config.http {
+        Some(address) => Some(http::HttpServer::start(&shared, address)?),
+        None => None,
+    };
     let threads = Threads::start(&shared, &listener)?;
-    serve(&shared, &listener, &threads.pool)?;
+    let http_address = http.as_ref().map(|http| http.address);
+    serve(&shared, &listener, &threads.pool, notifier, http_address)?;
     drop(listener);
     threads.stop(&shared);
+    if let Some(http) = http {
+        http.stop();
+    }
     finish(shared, log)
 }
 
@@ -299,6 +336,8 @@ fn serve(
     shared: &Shared,
     listener: &TcpListener,
     pool: &Pool<(TcpStream, u64)>,
+    notifier: &Notifier,
+    http: Option<std::net::SocketAddr>,
 ) -> Result<(), StartError> {
     let address = listener.local_addr()?;
     let log = &shared.core.log;
@@ -308,15 +347,22 @@ fn serve(
     ));
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening on {address}");
+    if let Some(http) = http {
+        log.info(format_args!("http listening on {http}"));
+        let _ = writeln!(stdout, "http listening on {http}");
+    }
     let _ = stdout.flush();
+    notify(log, notifier.ready(&format!("listening on {address}")));
 
     accept_loop(shared, listener, pool);
 
     shared.shutting_down.store(true, Ordering::Release);
-    log.info(format_args!(
-        "shutting down: {} connection(s) open",
-        shared.active.load(Ordering::Acquire)
-    ));
+    let open = shared.active.load(Ordering::Acquire);
+    log.info(format_args!("shutting down: {open} connection(s) open"));
+    notify(
+        log,
+        notifier.stopping(&format!("shutting down: {open} connection(s) open")),
+    );
     for conn in shared.core.conns.all() {
         let _ = os::shutdown_read(&conn.stream);
     }
@@ -430,7 +476,7 @@ fn accept_loop(shared: &Shared, listener: &TcpListener, pool: &Pool<(TcpStream, 
     let next_id = AtomicU64::new(1);
     let max_clients = shared.config.max_clients;
     loop {
-        let (stream, _) = match listener.accept() {
+        let (stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(err) => {
                 if shared.shutting_down.load(Ordering::Acquire) {
@@ -445,6 +491,15 @@ fn accept_loop(shared: &Shared, listener: &TcpListener, pool: &Pool<(TcpStream, 
         if shared.shutting_down.load(Ordering::Acquire) {
             refuse(&stream, ErrorCode::ShuttingDown);
             return;
+        }
+        if let auth::Admission::Refuse(first) = shared.access.admit(peer.ip()) {
+            let counters = &shared.core.counters;
+            counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(text) = first {
+                shared.core.log.warn(format_args!("{text}"));
+            }
+            refuse(&stream, ErrorCode::AuthenticationFailed);
+            continue;
         }
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -532,14 +587,47 @@ fn spawn_signal_thread(
         .stack_size(64 * 1024)
         .spawn(move || {
             while !stop.is_stopped() {
-                if let Some(signal) = os::wait_termination(Duration::from_millis(200)) {
-                    shared.core.log.info(format_args!("received {signal}"));
-                    shared.shutting_down.store(true, Ordering::Release);
-                    let _ = os::shutdown(&listener);
-                    return;
+                match service::wait_signal(Duration::from_millis(200)) {
+                    Some(Signal::Stop(name)) => {
+                        shared.core.log.info(format_args!("received {name}"));
+                        shared.shutting_down.store(true, Ordering::Release);
+                        let _ = os::shutdown(&listener);
+                        return;
+                    }
+                    Some(other) => on_service_signal(&shared, other),
+                    None => {}
                 }
             }
         })
+}
+
+/// SIGHUP, SIGUSR1, SIGUSR2: never fatal, each logged.
+fn on_service_signal(shared: &Shared, signal: Signal) {
+    let log = &shared.core.log;
+    match signal {
+        Signal::Hangup => match log.reopen() {
+            // Written to the new file: where the rotated log continues.
+            Ok(Some(path)) => log.info(format_args!(
+                "received SIGHUP: log file {} reopened",
+                path.display()
+            )),
+            Ok(None) => log.info(format_args!("received SIGHUP: no log file to reopen")),
+            Err(err) => log.error(format_args!(
+                "received SIGHUP: {err}; still writing to the old log file"
+            )),
+        },
+        Signal::User1 => {
+            // The same line a STATS request gets.
+            let mut body = Vec::new();
+            crate::protocol::encode_stats(&mut body, &shared.core.stats());
+            let mut line = Vec::new();
+            crate::protocol::encode_reply(&mut line, &crate::protocol::Reply::Stats(&body));
+            let text = String::from_utf8_lossy(&line);
+            log.info(format_args!("received SIGUSR1: {}", text.trim_end()));
+        }
+        Signal::User2 => log.info(format_args!("received SIGUSR2: ignored")),
+        Signal::Stop(_) => {}
+    }
 }
 
 fn spawn_housekeeping(

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::Shared;
+use super::auth::Gate;
 use super::conn::{Conn, Writer};
 use crate::protocol::{self, ErrorCode, Line, LineReader, Reply, Request};
 use crate::sys::os;
@@ -84,6 +85,7 @@ pub(super) fn serve(shared: &Shared, stream: TcpStream, conn_id: u64) {
         reader: LineReader::new(shared.config.max_line(), READ_BUFFER),
         lines: Vec::new(),
         out: Vec::with_capacity(4096),
+        authenticated: false,
     };
     let end = session.run(stream);
     session.finish(&end);
@@ -119,6 +121,8 @@ struct Session<'a> {
     reader: LineReader,
     lines: Vec<Line>,
     out: Vec<u8>,
+    /// The first line passed the token gate (see [`super::auth`]).
+    authenticated: bool,
 }
 
 impl Session<'_> {
@@ -236,6 +240,35 @@ impl Session<'_> {
         result
     }
 
+    /// The token gate on the connection's first line: `None` to handle
+    /// the line as usual (no token is set), else what to do after the
+    /// reply it wrote.
+    fn authenticate(&mut self, line: &Line) -> Option<Flow> {
+        let first = match line {
+            Line::Complete(range) => Some(self.reader.bytes(range.clone())),
+            Line::TooLong => None,
+        };
+        self.authenticated = true;
+        match self.shared.access.gate(first) {
+            Gate::Open => None,
+            Gate::Accepted => {
+                protocol::encode_reply(&mut self.out, &Reply::Auth);
+                Some(Flow::Continue)
+            }
+            Gate::Rejected => {
+                let counters = &self.shared.core.counters;
+                counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                let failed = Reply::error(ErrorCode::AuthenticationFailed);
+                protocol::encode_reply(&mut self.out, &failed);
+                self.shared.core.log.info(format_args!(
+                    "connection {}: authentication failed",
+                    self.conn.id
+                ));
+                Some(Flow::Close)
+            }
+        }
+    }
+
     /// Answers a batch of lines; runs of SENDs, ACKs and GETs go to the
     /// core as one call each.
     fn handle(&mut self, lines: &[Line], writer: &mut Writer<'_>) -> Flow {
@@ -243,6 +276,16 @@ impl Session<'_> {
         while i < lines.len() {
             if self.out.len() >= OUT_FLUSH && self.flush(writer).is_err() {
                 return Flow::Close;
+            }
+            if !self.authenticated {
+                match self.authenticate(&lines[i]) {
+                    Some(Flow::Close) => return Flow::Close,
+                    Some(Flow::Continue) => {
+                        i += 1;
+                        continue;
+                    }
+                    None => {}
+                }
             }
             let range = match &lines[i] {
                 Line::TooLong => {
@@ -390,7 +433,15 @@ fn handle_one(
             protocol::encode_stats(&mut body, &core.stats());
             reply(out, Reply::Stats(&body));
         }
-        Request::Auth(_) => reply(out, Reply::Auth),
+        Request::Auth(given) => {
+            // A later AUTH is checked like the first; a wrong one closes.
+            if !shared.access.check(given) {
+                core.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                reply(out, Reply::error(ErrorCode::AuthenticationFailed));
+                return Flow::Close;
+            }
+            reply(out, Reply::Auth);
+        }
         Request::Quit => {
             reply(out, Reply::Bye);
             return Flow::Close;

@@ -1,6 +1,6 @@
 //! The only place in the crate that talks to the kernel through raw libc:
 //! SysV shared memory ([`shm`]), SysV semaphores ([`sem`]), and the few
-//! socket and signal calls std does not offer ([`os`]).
+//! socket and signal calls std does not offer ([`os`], [`service`]).
 //!
 //! Soundness by construction: no safe function here reads or writes the
 //! shared segment except through [`shm::RegionGuard`], which holds both a
@@ -18,6 +18,7 @@
 
 pub mod os;
 pub mod sem;
+pub mod service;
 pub mod shm;
 
 use std::io;
