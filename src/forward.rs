@@ -902,6 +902,22 @@ impl BrokerWire {
             stream,
             reader: LineReader::new(client::MAX_REPLY_LINE, 64 * 1024),
         };
+        if let Some(token) = &endpoint.token {
+            match protocol::parse_reply(&wire.request(&Command::Auth(token.bytes()))?) {
+                Reply::Auth => {}
+                Reply::Error(Some(ErrorCode::AuthenticationFailed), _) => {
+                    return Err(Verdict::Fatal(
+                        "the broker refused the token (--token-file)".into(),
+                    ));
+                }
+                other => {
+                    return Err(Verdict::Reconnect(format!(
+                        "AUTH answered '{}'",
+                        protocol::reply_text(&other)
+                    )));
+                }
+            }
+        }
         let register = Command::RegisterConsumer {
             id: Some(options.id.as_bytes()),
             ack: true,

@@ -120,9 +120,13 @@ impl NatsArgs {
                 "invalid value '{stream}' for --stream: no . * > / \\ or spaces"
             )));
         }
-        if options.count.is_some() || options.timeout.is_some() || options.verbose {
+        if options.count.is_some()
+            || options.timeout.is_some()
+            || options.verbose
+            || options.exec.is_some()
+        {
             return Err(UsageError(
-                "--count, --timeout and --verbose do not apply to --to-nats".into(),
+                "--count, --timeout, --verbose and --exec do not apply to --to-nats".into(),
             ));
         }
         Ok(Some(ForwardOptions {

@@ -317,7 +317,11 @@ fn contents(count: usize, seed: usize) -> Vec<Vec<u8>> {
 
 /// Sends every content through a raw producer connection, pipelined.
 fn send_all(broker: &Broker, contents: &[Vec<u8>]) {
-    let mut producer = broker.producer();
+    send_on(&mut broker.producer(), contents);
+}
+
+/// Sends every content on a registered producer connection, pipelined.
+fn send_on(producer: &mut crate::util::Client, contents: &[Vec<u8>]) {
     for chunk in contents.chunks(256) {
         let mut out = Vec::new();
         for content in chunk {
@@ -661,4 +665,36 @@ fn nats_forward_authenticates_with_user_password_or_token() {
     wait_count(&mut nats, "edge_token", sent.len() as u64, &forwarder);
     assert!(forwarder.terminate().success());
     assert_exactly_once(&mut nats, "edge_token", &instance(&broker), &sent);
+}
+
+#[test]
+fn nats_forward_sends_the_broker_token_first() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("nats-broker-token");
+    let token = "a-broker-token-that-is-long-enough";
+    let token_path = dir.join("broker-token");
+    std::fs::write(&token_path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token_file = token_path.to_str().unwrap();
+    let broker = Broker::start(&dir, &["--auth-token-file", token_file]);
+    let mut producer = broker.connect();
+    producer.expect(&format!("AUTH:{token}"), "OK:AUTH");
+    producer.expect("REGISTER:PRODUCER", "OK:PRODUCER");
+    let sent = contents(100, 6);
+    send_on(&mut producer, &sent);
+    let server = NatsServer::start(&dir, &[]);
+    let args = [
+        "--id",
+        "fwd",
+        "--subject",
+        "edge.token",
+        "--token-file",
+        token_file,
+    ];
+    let mut forwarder = Forwarder::start(&dir, &broker, &server.url(), &args);
+    let mut nats = server.client();
+    wait_count(&mut nats, "edge_token", sent.len() as u64, &forwarder);
+    assert!(forwarder.terminate().success(), "{}", forwarder.stderr());
+    let instance = std::fs::read_to_string(dir.join("messages.dat.instance")).unwrap();
+    assert_exactly_once(&mut nats, "edge_token", instance.trim(), &sent);
 }
