@@ -228,76 +228,22 @@ pub fn run(options: &ConsumerOptions) -> i32 {
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     loop {
-        let wanted = id.clone();
-        let reconnecting = !progress.printed.is_empty();
-        // With --timeout, stop retrying once the wait for a message is over.
-        let give_up_at = options
-            .timeout
-            .map(|timeout| progress.last_message + timeout);
-        let connected = connect_with_retry(
-            "consumer",
-            &options.endpoint,
-            &mut backoff,
-            give_up_at,
-            |conn| {
-                let assigned = conn.register_consumer(wanted.as_deref(), options.ack)?;
-                let next_id = if reconnecting {
-                    next_message_id(conn)?
-                } else {
-                    None
-                };
-                Ok((assigned, next_id))
-            },
-        );
-        let (mut conn, (assigned, next_id)) = match connected {
-            Ok(done) => done,
-            Err(err) => {
-                let _ = out.flush();
-                eprintln!("consumer: giving up: {err}");
-                if options.ack
-                    && matches!(err, ClientError::Refused(ErrorCode::InvalidRegistration))
-                {
-                    eprintln!(
-                        "consumer: an id keeps the mode it was created in: was '{}' created without --ack?",
-                        options.id.as_deref().unwrap_or_default()
-                    );
+        let (mut conn, assigned) =
+            match connect(options, id.as_deref(), &mut backoff, &mut progress) {
+                Ok(connected) => connected,
+                Err(err) => {
+                    let _ = out.flush();
+                    report_giving_up(options, &err);
+                    return 1;
                 }
-                return 1;
-            }
-        };
-        eprintln!(
-            "consumer: registered as consumer {assigned}{}",
-            if options.ack { " (ack mode)" } else { "" }
-        );
-        if let (Some(last), Some(next)) = (progress.printed.max(), next_id)
-            && next <= last
-        {
-            eprintln!(
-                "consumer: the broker's next message id is {next}, not past the last one printed ({last}): \
-                 it was reset or lost messages, so the ids printed before are forgotten"
-            );
-            progress.printed.clear();
-        }
+            };
         id = Some(assigned);
         match serve(&mut conn, options, &mut out, &mut progress) {
             Ok(Next::Done) => {
                 let _ = out.flush();
                 conn.quit();
-                let elapsed = started.elapsed().as_secs_f64();
                 if options.verbose {
-                    eprint!(
-                        "consumer: received {} message(s) in {elapsed:.3} s, skipped {} redelivered",
-                        progress.received, progress.skipped
-                    );
-                    if options.ack {
-                        eprint!(
-                            ", acked {}, acks refused {}, unconfirmed {}",
-                            progress.acked,
-                            progress.ack_refused,
-                            progress.unconfirmed.len()
-                        );
-                    }
-                    eprintln!();
+                    print_summary(options, &progress, started);
                 }
                 return 0;
             }
@@ -305,6 +251,75 @@ pub fn run(options: &ConsumerOptions) -> i32 {
             Err(err) => return stdout_failed(&err),
         }
     }
+}
+
+/// Connects and registers under `id` (or a new one), retrying with
+/// `backoff`; returns the connection and the id the broker confirmed. On a
+/// reconnection, forgets the ids printed before if the broker's next id
+/// shows it was reset.
+fn connect(
+    options: &ConsumerOptions,
+    id: Option<&str>,
+    backoff: &mut Backoff,
+    progress: &mut Progress,
+) -> Result<(Connection, String), ClientError> {
+    let reconnecting = !progress.printed.is_empty();
+    // With --timeout, stop retrying once the wait for a message is over.
+    let give_up_at = options
+        .timeout
+        .map(|timeout| progress.last_message + timeout);
+    let (conn, (assigned, next_id)) =
+        connect_with_retry("consumer", &options.endpoint, backoff, give_up_at, |conn| {
+            let assigned = conn.register_consumer(id, options.ack)?;
+            let next_id = if reconnecting {
+                next_message_id(conn)?
+            } else {
+                None
+            };
+            Ok((assigned, next_id))
+        })?;
+    eprintln!(
+        "consumer: registered as consumer {assigned}{}",
+        if options.ack { " (ack mode)" } else { "" }
+    );
+    if let (Some(last), Some(next)) = (progress.printed.max(), next_id)
+        && next <= last
+    {
+        eprintln!(
+            "consumer: the broker's next message id is {next}, not past the last one printed ({last}): \
+             it was reset or lost messages, so the ids printed before are forgotten"
+        );
+        progress.printed.clear();
+    }
+    Ok((conn, assigned))
+}
+
+fn report_giving_up(options: &ConsumerOptions, err: &ClientError) {
+    eprintln!("consumer: giving up: {err}");
+    if options.ack && matches!(err, ClientError::Refused(ErrorCode::InvalidRegistration)) {
+        eprintln!(
+            "consumer: an id keeps the mode it was created in: was '{}' created without --ack?",
+            options.id.as_deref().unwrap_or_default()
+        );
+    }
+}
+
+/// The `--verbose` line at the end.
+fn print_summary(options: &ConsumerOptions, progress: &Progress, started: Instant) {
+    let elapsed = started.elapsed().as_secs_f64();
+    eprint!(
+        "consumer: received {} message(s) in {elapsed:.3} s, skipped {} redelivered",
+        progress.received, progress.skipped
+    );
+    if options.ack {
+        eprint!(
+            ", acked {}, acks refused {}, unconfirmed {}",
+            progress.acked,
+            progress.ack_refused,
+            progress.unconfirmed.len()
+        );
+    }
+    eprintln!();
 }
 
 /// Exit status when the reader of stdout went away: what a shell shows
@@ -679,6 +694,47 @@ fn serve(
     result
 }
 
+/// The clocks of one connection's conversation.
+struct Clocks {
+    last_sent: Instant,
+    /// The last line received, or when a request went out with no reply
+    /// due: the clock for REPLY_TIMEOUT.
+    reply_clock: Instant,
+    finish_by: Option<Instant>,
+}
+
+impl Clocks {
+    /// How long the next read may wait: until a heartbeat is due, the
+    /// finish or `--timeout` passes, or a reply is late.
+    fn deadline(
+        &self,
+        options: &ConsumerOptions,
+        progress: &Progress,
+        session: &Session,
+    ) -> Instant {
+        let mut deadline = self.last_sent + progress.heartbeat;
+        if let Some(by) = self.finish_by {
+            deadline = deadline.min(by);
+        } else if let Some(timeout) = options.timeout {
+            deadline = deadline.min(progress.last_message + timeout);
+        }
+        if session.replies_due() {
+            deadline = deadline.min(self.reply_clock + REPLY_TIMEOUT);
+        }
+        deadline
+    }
+}
+
+/// A lost connection: once finishing it ends the run, else a retry.
+fn lost(session: &Session, why: &str) -> Next {
+    if session.finishing {
+        Next::Done
+    } else {
+        eprintln!("consumer: lost the connection ({why}); reconnecting");
+        Next::Reconnect
+    }
+}
+
 fn converse(
     conn: &mut Connection,
     options: &ConsumerOptions,
@@ -686,23 +742,17 @@ fn converse(
     progress: &mut Progress,
     session: &mut Session,
 ) -> io::Result<Next> {
-    let mut last_sent = Instant::now();
-    // The last line received, or when a request went out with no reply
-    // due: the clock for REPLY_TIMEOUT.
-    let mut reply_clock = Instant::now();
-    let mut finish_by: Option<Instant> = None;
-    // Once finishing, a lost connection ends the run instead of a retry.
-    let lost = |session: &Session, why: &str| {
-        if session.finishing {
-            Next::Done
-        } else {
-            eprintln!("consumer: lost the connection ({why}); reconnecting");
-            Next::Reconnect
-        }
+    let now = Instant::now();
+    let mut clocks = Clocks {
+        last_sent: now,
+        reply_clock: now,
+        finish_by: None,
     };
     loop {
         if session.finishing {
-            let by = *finish_by.get_or_insert_with(|| Instant::now() + FINISH_WAIT);
+            let by = *clocks
+                .finish_by
+                .get_or_insert_with(|| Instant::now() + FINISH_WAIT);
             if session.is_done() || Instant::now() >= by {
                 out.flush()?;
                 return Ok(Next::Done);
@@ -719,57 +769,62 @@ fn converse(
         if !conn.out.is_empty() {
             let now = Instant::now();
             if was_idle {
-                reply_clock = now;
+                clocks.reply_clock = now;
             }
-            last_sent = now;
+            clocks.last_sent = now;
             if let Err(err) = conn.flush() {
                 return Ok(lost(session, &err.to_string()));
             }
         }
-        let mut deadline = last_sent + progress.heartbeat;
-        if let Some(by) = finish_by {
-            deadline = deadline.min(by);
-        } else if let Some(timeout) = options.timeout {
-            deadline = deadline.min(progress.last_message + timeout);
-        }
-        if session.replies_due() {
-            deadline = deadline.min(reply_clock + REPLY_TIMEOUT);
-        }
-        let line = match conn.read_line(deadline) {
+        let line = match conn.read_line(clocks.deadline(options, progress, session)) {
             Ok(Some(line)) => line,
-            Ok(None) => {
-                if !session.finishing
-                    && options
-                        .timeout
-                        .is_some_and(|timeout| progress.last_message.elapsed() >= timeout)
-                {
-                    if !options.ack {
-                        out.flush()?;
-                        return Ok(Next::Done);
-                    }
-                    session.finish();
-                    continue;
-                }
-                if session.replies_due() && reply_clock.elapsed() >= REPLY_TIMEOUT {
-                    return Ok(lost(session, "no reply in time"));
-                }
-                if last_sent.elapsed() >= progress.heartbeat {
-                    if !session.replies_due() {
-                        reply_clock = Instant::now();
-                    }
-                    conn.queue_heartbeat();
-                    session.heartbeat_sent();
-                }
-                continue;
-            }
+            Ok(None) => match on_quiet(conn, options, out, progress, session, &mut clocks)? {
+                Some(next) => return Ok(next),
+                None => continue,
+            },
             Err(err) => return Ok(lost(session, &err.to_string())),
         };
-        reply_clock = Instant::now();
+        clocks.reply_clock = Instant::now();
         match session.on_line(&line, progress, out)? {
             Step::Continue => {}
             Step::Reconnect(why) => return Ok(lost(session, &why)),
         }
     }
+}
+
+/// Nothing arrived before the deadline: `--timeout` may have passed, a
+/// reply may be late, or a heartbeat is due. `Some` ends the conversation.
+fn on_quiet(
+    conn: &mut Connection,
+    options: &ConsumerOptions,
+    out: &mut impl Write,
+    progress: &Progress,
+    session: &mut Session,
+    clocks: &mut Clocks,
+) -> io::Result<Option<Next>> {
+    if !session.finishing
+        && options
+            .timeout
+            .is_some_and(|timeout| progress.last_message.elapsed() >= timeout)
+    {
+        if !options.ack {
+            out.flush()?;
+            return Ok(Some(Next::Done));
+        }
+        session.finish();
+        return Ok(None);
+    }
+    if session.replies_due() && clocks.reply_clock.elapsed() >= REPLY_TIMEOUT {
+        return Ok(Some(lost(session, "no reply in time")));
+    }
+    if clocks.last_sent.elapsed() >= progress.heartbeat {
+        if !session.replies_due() {
+            clocks.reply_clock = Instant::now();
+        }
+        conn.queue_heartbeat();
+        session.heartbeat_sent();
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -575,7 +575,66 @@ pub fn run_lines(options: &ProducerOptions) -> i32 {
     // the main thread never blocks on stdin, so it can heartbeat while a
     // person thinks. When the program gives up on the broker it exits
     // without joining: the reader may be blocked in a read of the terminal.
-    let reader = std::thread::Builder::new()
+    let reader = match spawn_stdin_reader(tx) {
+        Ok(reader) => reader,
+        Err(err) => {
+            eprintln!("producer: cannot start the stdin reader: {err}");
+            return 1;
+        }
+    };
+    let window = if terminal { 1 } else { options.window };
+    let mut sender = Sender::new(
+        options.endpoint.clone(),
+        window,
+        options.retries,
+        options.heartbeat,
+    );
+    let mut events = Vec::new();
+    let mut latencies = Latencies::default();
+    let mut stdout = io::stdout().lock();
+    let mut input = LineInput {
+        rx,
+        seq: 0,
+        done: false,
+        prompted: false,
+    };
+    if terminal {
+        eprintln!("producer: one message per line; 'q' on its own line quits");
+    }
+    loop {
+        if terminal && !input.prompted && sender.pending() == 0 && !input.done {
+            let _ = write!(stdout, "> ");
+            let _ = stdout.flush();
+            input.prompted = true;
+        }
+        input.take(&mut sender);
+        if input.done && sender.pending() == 0 {
+            break;
+        }
+        let deadline =
+            Instant::now() + Duration::from_millis(if sender.pending() > 0 { 200 } else { 0 });
+        if let Err(err) = sender.step(deadline, &mut events) {
+            eprintln!("producer: giving up: {err}");
+            summary(&sender, started, &mut latencies);
+            return 1;
+        }
+        let print_ids = terminal || options.print_ids;
+        if report(&mut events, print_ids, &mut stdout, &mut latencies).is_err() {
+            return 1;
+        }
+    }
+    let _ = reader.join();
+    if !terminal {
+        summary(&sender, started, &mut latencies);
+    }
+    let ok = sender.acked == input.seq && sender.errors == 0;
+    sender.close();
+    if ok { 0 } else { 1 }
+}
+
+/// The thread that reads stdin, one line at a time, into `tx`.
+fn spawn_stdin_reader(tx: mpsc::SyncSender<Input>) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
             let stdin = io::stdin();
@@ -597,92 +656,50 @@ pub fn run_lines(options: &ProducerOptions) -> i32 {
                 }
             }
             let _ = tx.send(Input::End);
-        });
-    let reader = match reader {
-        Ok(reader) => reader,
-        Err(err) => {
-            eprintln!("producer: cannot start the stdin reader: {err}");
-            return 1;
-        }
-    };
-    let window = if terminal { 1 } else { options.window };
-    let mut sender = Sender::new(
-        options.endpoint.clone(),
-        window,
-        options.retries,
-        options.heartbeat,
-    );
-    let mut events = Vec::new();
-    let mut latencies = Latencies::default();
-    let mut stdout = io::stdout().lock();
-    let mut seq = 0u64;
-    let mut input_done = false;
-    let mut prompted = false;
-    if terminal {
-        eprintln!("producer: one message per line; 'q' on its own line quits");
-    }
-    loop {
-        if terminal && !prompted && sender.pending() == 0 && !input_done {
-            let _ = write!(stdout, "> ");
-            let _ = stdout.flush();
-            prompted = true;
-        }
-        // Take input while the window has room.
-        while !input_done && sender.has_room() {
+        })
+}
+
+/// The lines the stdin thread passes on, numbered as they are taken.
+struct LineInput {
+    rx: mpsc::Receiver<Input>,
+    seq: u64,
+    done: bool,
+    prompted: bool,
+}
+
+impl LineInput {
+    /// Takes input while the sender's window has room (waiting a little
+    /// for it only when nothing is in flight).
+    fn take(&mut self, sender: &mut Sender) {
+        while !self.done && sender.has_room() {
             let wait = if sender.pending() == 0 {
                 Duration::from_millis(200)
             } else {
                 Duration::ZERO
             };
-            match rx.recv_timeout(wait) {
+            match self.rx.recv_timeout(wait) {
                 Ok(Input::Line(line)) => {
-                    prompted = false;
+                    self.prompted = false;
                     if line.is_empty() {
                         continue;
                     }
-                    seq += 1;
-                    sender.push(seq, line);
+                    self.seq += 1;
+                    sender.push(self.seq, line);
                 }
                 Ok(Input::TooLong) => {
-                    prompted = false;
-                    seq += 1;
+                    self.prompted = false;
+                    self.seq += 1;
                     sender.errors += 1;
                     eprintln!(
-                        "producer: message {seq} rejected: longer than {MAX_INPUT_LINE} bytes, not sent"
+                        "producer: message {} rejected: longer than {MAX_INPUT_LINE} bytes, not sent",
+                        self.seq
                     );
                 }
-                Ok(Input::End) | Err(RecvTimeoutError::Disconnected) => input_done = true,
+                Ok(Input::End) | Err(RecvTimeoutError::Disconnected) => self.done = true,
                 Err(RecvTimeoutError::Timeout) => break,
             }
         }
-        if input_done && sender.pending() == 0 {
-            break;
-        }
-        let deadline =
-            Instant::now() + Duration::from_millis(if sender.pending() > 0 { 200 } else { 0 });
-        if let Err(err) = sender.step(deadline, &mut events) {
-            eprintln!("producer: giving up: {err}");
-            summary(&sender, started, &mut latencies);
-            return 1;
-        }
-        if report(
-            &mut events,
-            terminal || options.print_ids,
-            &mut stdout,
-            &mut latencies,
-        )
-        .is_err()
-        {
-            return 1;
-        }
     }
-    let _ = reader.join();
-    if !terminal {
-        summary(&sender, started, &mut latencies);
-    }
-    let ok = sender.acked == seq && sender.errors == 0;
-    sender.close();
-    if ok { 0 } else { 1 }
 }
 
 #[cfg(test)]

@@ -280,3 +280,71 @@ fn the_checks_see_what_they_check() {
     );
     assert_eq!(literals(r#"f(b"OK:BYE", "a\"b")"#), ["OK:BYE", "ab"]);
 }
+
+/// The longest a function of `src/` may be, in lines from its `fn` line to
+/// its closing brace (TigerBeetle keeps 70).
+const MAX_FUNCTION_LINES: usize = 80;
+
+/// Functions as (first line, length), found by indentation: a line that
+/// starts a `fn` with a body, up to the `}` at the same indentation.
+fn functions(text: &str) -> Vec<(usize, usize, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let trimmed = lines[i].trim_start();
+        let indent = &lines[i][..lines[i].len() - trimmed.len()];
+        let starts_fn = [
+            "fn ",
+            "pub fn ",
+            "pub(crate) fn ",
+            "pub(super) fn ",
+            "const fn ",
+            "unsafe fn ",
+            "pub unsafe fn ",
+        ]
+        .iter()
+        .any(|p| trimmed.starts_with(p));
+        if !starts_fn {
+            i += 1;
+            continue;
+        }
+        let mut open = i;
+        while open < lines.len() && !lines[open].trim_end().ends_with('{') {
+            if lines[open].trim_end().ends_with(';') {
+                break;
+            }
+            open += 1;
+        }
+        if open >= lines.len() || lines[open].trim_end().ends_with(';') {
+            i = open + 1;
+            continue;
+        }
+        let close = (open + 1..lines.len())
+            .find(|&k| lines[k] == format!("{indent}}}"))
+            .unwrap_or(lines.len() - 1);
+        found.push((i + 1, close - i + 1, trimmed.to_string()));
+        i += 1;
+    }
+    found
+}
+
+#[test]
+fn no_function_is_longer_than_the_limit() {
+    let mut long = Vec::new();
+    for (file, text) in sources() {
+        for (line, len, head) in functions(&text) {
+            if len > MAX_FUNCTION_LINES {
+                long.push(format!("{file}:{line}: {len} lines: {head}"));
+            }
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FUNCTION_LINES} lines:\n{}",
+        long.join("\n")
+    );
+    // The check sees functions: a long one in a sample is found.
+    let sample = format!("fn long() {{\n{}}}\n", "    x();\n".repeat(90));
+    assert_eq!(functions(&sample)[0].1, 92);
+}
