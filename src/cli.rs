@@ -15,6 +15,8 @@ impl fmt::Display for UsageError {
     }
 }
 
+impl std::error::Error for UsageError {}
+
 impl From<lexopt::Error> for UsageError {
     fn from(err: lexopt::Error) -> UsageError {
         UsageError(err.to_string())

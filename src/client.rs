@@ -238,6 +238,15 @@ impl std::fmt::Display for ClientError {
     }
 }
 
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClientError::Io(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
 impl From<io::Error> for ClientError {
     fn from(err: io::Error) -> ClientError {
         ClientError::Io(err)

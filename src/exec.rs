@@ -18,7 +18,11 @@ use std::process::{Command, ExitStatus, Stdio};
 
 /// Runs `command` for message `id` with `content` on its stdin; `Err` says
 /// why it did not succeed.
-pub fn run(command: &str, id: u64, content: &[u8]) -> Result<(), String> {
+pub fn run(command: &str, id: u64, content: &[u8]) -> Result<(), ExecError> {
+    run_text(command, id, content).map_err(ExecError)
+}
+
+fn run_text(command: &str, id: u64, content: &[u8]) -> Result<(), String> {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -57,6 +61,18 @@ fn describe_failure(status: ExitStatus) -> Option<String> {
     })
 }
 
+/// Why `--exec` did not take a message: the command failed, or could not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecError(pub String);
+
+impl std::fmt::Display for ExecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ExecError {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,8 +87,14 @@ mod tests {
             ),
             Ok(())
         );
-        assert_eq!(run("exit 3", 1, b"x"), Err("exit status 3".into()));
-        assert_eq!(run("kill -9 $$", 1, b""), Err("killed by signal 9".into()));
+        assert_eq!(
+            run("exit 3", 1, b"x"),
+            Err(ExecError("exit status 3".into()))
+        );
+        assert_eq!(
+            run("kill -9 $$", 1, b""),
+            Err(ExecError("killed by signal 9".into()))
+        );
         // Not reading stdin is fine; a large message does not deadlock.
         assert_eq!(run("true", 1, &vec![b'x'; 1 << 20]), Ok(()));
     }

@@ -902,20 +902,14 @@ impl BrokerWire {
             stream,
             reader: LineReader::new(client::MAX_REPLY_LINE, 64 * 1024),
         };
+        // A broker with --auth-token-file wants AUTH first, every cycle.
         if let Some(token) = &endpoint.token {
-            match protocol::parse_reply(&wire.request(&Command::Auth(token.bytes()))?) {
-                Reply::Auth => {}
-                Reply::Error(Some(ErrorCode::AuthenticationFailed), _) => {
-                    return Err(Verdict::Fatal(
-                        "the broker refused the token (--token-file)".into(),
-                    ));
-                }
-                other => {
-                    return Err(Verdict::Reconnect(format!(
-                        "AUTH answered '{}'",
-                        protocol::reply_text(&other)
-                    )));
-                }
+            let reply = wire.request(&Command::Auth(token.bytes()))?;
+            if protocol::parse_reply(&reply) != Reply::Auth {
+                return Err(Verdict::Fatal(format!(
+                    "the broker refused the token of --token-file/BROKER_TOKEN_FILE ('{}')",
+                    String::from_utf8_lossy(&reply)
+                )));
             }
         }
         let register = Command::RegisterConsumer {

@@ -42,7 +42,11 @@ pub struct Semaphores {
 
 /// Attaches, copies, describes. `Err` (exit 1) when no segment has
 /// `shm_key` or the system refuses.
-pub fn run(shm_key: i32, sem_key: i32) -> Result<String, String> {
+pub fn run(shm_key: i32, sem_key: i32) -> Result<String, InspectError> {
+    run_text(shm_key, sem_key).map_err(InspectError)
+}
+
+fn run_text(shm_key: i32, sem_key: i32) -> Result<String, String> {
     let found = shm::inspect(shm_key)
         .map_err(|err| format!("cannot look up the segment with key 0x{shm_key:x}: {err}"))?;
     let (id, size, attached, creator_pid) = match found {
@@ -275,6 +279,18 @@ fn printable(bytes: &[u8]) -> String {
     }
     text
 }
+
+/// Why `broker --inspect` could not show the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InspectError(pub String);
+
+impl std::fmt::Display for InspectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InspectError {}
 
 #[cfg(test)]
 mod tests {

@@ -35,7 +35,11 @@ pub struct Url {
 
 /// Parses `nats://[USER:PASS@]HOST[:PORT]` (the scheme may be left out).
 /// User and password may be percent-encoded, so they may hold `:` or `@`.
-pub fn parse_url(text: &str) -> Result<Url, String> {
+pub fn parse_url(text: &str) -> Result<Url, UrlError> {
+    parse_url_text(text).map_err(UrlError)
+}
+
+fn parse_url_text(text: &str) -> Result<Url, String> {
     let rest = text.strip_prefix("nats://").unwrap_or(text);
     if rest.contains("://") {
         return Err(format!(
@@ -176,6 +180,8 @@ impl std::fmt::Display for ProtocolError {
         write!(f, "NATS protocol error: {}", self.0)
     }
 }
+
+impl std::error::Error for ProtocolError {}
 
 fn bad(what: &str, line: &[u8]) -> ProtocolError {
     let shown = &line[..line.len().min(120)];
@@ -674,6 +680,18 @@ impl JsonReader<'_> {
         }
     }
 }
+
+/// Why a `nats://` URL is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlError(pub String);
+
+impl std::fmt::Display for UrlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UrlError {}
 
 #[cfg(test)]
 mod tests {

@@ -297,6 +297,22 @@ pub enum ScanError {
     Io(io::Error),
 }
 
+impl std::fmt::Display for ScanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScanError::Io(err) => write!(f, "reading the messages file: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for ScanError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ScanError::Io(err) => Some(err),
+        }
+    }
+}
+
 /// Reads records from `reader` until the end or the first invalid byte,
 /// keeping the last `keep_limit` of those with `id >= keep_from`: memory
 /// stays bounded whatever the file's size. `max_msg_size` bounds what a

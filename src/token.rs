@@ -39,7 +39,11 @@ impl Token {
     /// [`MIN_TOKEN_LEN`] to [`MAX_TOKEN_LEN`] bytes of protocol-safe text.
     /// With `private`, a file that group or others may read is refused:
     /// the broker's token must not be readable by other local users.
-    pub fn load(path: &Path, private: bool) -> Result<Token, String> {
+    pub fn load(path: &Path, private: bool) -> Result<Token, TokenError> {
+        Token::load_text(path, private).map_err(TokenError)
+    }
+
+    fn load_text(path: &Path, private: bool) -> Result<Token, String> {
         use std::os::unix::fs::PermissionsExt;
         let shown = path.display();
         let mut file =
@@ -63,12 +67,16 @@ impl Token {
             .take(limit)
             .read_to_end(&mut text)
             .map_err(|err| format!("token file {shown}: {err}"))?;
-        parse_token(&text).map_err(|why| format!("token file {shown}: {why}"))
+        parse_token_text(&text).map_err(|why| format!("token file {shown}: {why}"))
     }
 }
 
 /// The token in a token file's bytes: the first line, `\r` tolerated.
-pub fn parse_token(text: &[u8]) -> Result<Token, String> {
+pub fn parse_token(text: &[u8]) -> Result<Token, TokenError> {
+    parse_token_text(text).map_err(TokenError)
+}
+
+fn parse_token_text(text: &[u8]) -> Result<Token, String> {
     let line = text.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.len() < MIN_TOKEN_LEN {
@@ -87,6 +95,18 @@ pub fn parse_token(text: &[u8]) -> Result<Token, String> {
     }
     Ok(Token(line.to_vec()))
 }
+
+/// Why a token file or token cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenError(pub String);
+
+impl std::fmt::Display for TokenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TokenError {}
 
 #[cfg(test)]
 mod tests {

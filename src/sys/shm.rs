@@ -300,6 +300,27 @@ pub enum LockError {
     Io(io::Error),
 }
 
+impl std::fmt::Display for LockError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockError::WouldBlock => f.write_str("the semaphore operation would block"),
+            LockError::TimedOut => f.write_str(
+                "the segment's MUTEX stayed taken: another process holds it or changed its value",
+            ),
+            LockError::Io(err) => write!(f, "semaphore operation failed: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for LockError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LockError::Io(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
 /// A segment, the semaphore set whose semaphore `mutex` guards it, and
 /// process-local data `T` that goes with the segment's contents: the only
 /// way to touch the segment's memory.

@@ -675,34 +675,49 @@ fn nats_forward_authenticates_with_user_password_or_token() {
     assert_exactly_once(&mut nats, "edge_token", &instance(&broker), &sent);
 }
 
+/// A broker started with `--auth-token-file`: the forwarder sends the
+/// token of `--token-file` first (issue 10), and forwards as usual.
 #[test]
 fn nats_forward_sends_the_broker_token_first() {
     use std::os::unix::fs::PermissionsExt;
     let dir = TestDir::new("nats-broker-token");
-    let token = "a-broker-token-that-is-long-enough";
-    let token_path = dir.join("broker-token");
-    std::fs::write(&token_path, format!("{token}\n")).unwrap();
-    std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let token_file = token_path.to_str().unwrap();
-    let broker = Broker::start(&dir, &["--auth-token-file", token_file]);
-    let mut producer = broker.connect();
-    producer.expect(&format!("AUTH:{token}"), "OK:AUTH");
+    let token = dir.join("token");
+    std::fs::write(&token, "forwarder-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token = token.to_str().unwrap().to_string();
+    let broker = Broker::start(&dir, &["--auth-token-file", &token]);
+    let authed = || {
+        let mut client = broker.connect();
+        client.expect("AUTH:forwarder-token-0123456789", "OK:AUTH");
+        client
+    };
+    let mut producer = authed();
     producer.expect("REGISTER:PRODUCER", "OK:PRODUCER");
-    let sent = contents(100, 6);
-    send_on(&mut producer, &sent);
+    let sent: Vec<Vec<u8>> = (1..=3).map(|n| format!("tok-{n}").into_bytes()).collect();
+    for (n, content) in sent.iter().enumerate() {
+        let content = String::from_utf8_lossy(content);
+        producer.expect(&format!("SEND:{content}"), &format!("OK:MSG_ID:{}", n + 1));
+    }
+    let mut stats = authed();
+    stats.send("STATS");
+    let line = stats.line();
+    let instance = line
+        .split(' ')
+        .find_map(|pair| pair.strip_prefix("instance="))
+        .unwrap_or_else(|| panic!("no instance in {line}"))
+        .to_string();
     let server = NatsServer::start(&dir, &[]);
+    let mut nats = server.client();
     let args = [
         "--id",
         "fwd",
         "--subject",
         "edge.token",
         "--token-file",
-        token_file,
+        &token,
     ];
     let mut forwarder = Forwarder::start(&dir, &broker, &server.url(), &args);
-    let mut nats = server.client();
-    wait_count(&mut nats, "edge_token", sent.len() as u64, &forwarder);
+    wait_count(&mut nats, "edge_token", 3, &forwarder);
     assert!(forwarder.terminate().success(), "{}", forwarder.stderr());
-    let instance = std::fs::read_to_string(dir.join("messages.dat.instance")).unwrap();
-    assert_exactly_once(&mut nats, "edge_token", instance.trim(), &sent);
+    assert_exactly_once(&mut nats, "edge_token", &instance, &sent);
 }
