@@ -84,7 +84,9 @@ start_broker() {
     "$here/bin/broker" --port 0 --bind 127.0.0.1 --shm-key "$key" --sem-key "$((key + 1))" \
         --log-file "$dir/broker.log" "$@" "$dir/messages.dat" >"$dir/broker.out" 2>&1 &
     bpid=$!
-    for _ in $(seq 1 250); do
+    # Up to 20 s: a start fsyncs its files, which can take seconds on a
+    # disk that another program keeps busy.
+    for _ in $(seq 1 1000); do
         grep -q '^listening on' "$dir/broker.out" 2>/dev/null && break
         kill -0 "$bpid" 2>/dev/null || { cat "$dir/broker.out"; exit 1; }
         sleep 0.02
@@ -274,7 +276,9 @@ bench_forward() {
         fpid=$!
         for t in $(seq 1 30000); do
             [ "$(broker_stat messages)" = 0 ] && break
-            kill -0 "$fpid" 2>/dev/null || { cat "$bdir/forward.err" >&2; return 1; }
+            # It runs in a command substitution: clean up here, the EXIT
+            # trap of the parent shell knows nothing of this broker.
+            kill -0 "$fpid" 2>/dev/null || { cat "$bdir/forward.err" >&2; stop_nats; stop_broker; return 1; }
             sleep 0.005
         done
         spent=$(( spent + $(now_ns) - start ))
