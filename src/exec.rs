@@ -61,17 +61,10 @@ fn describe_failure(status: ExitStatus) -> Option<String> {
     })
 }
 
-/// Why `--exec` did not take a message: the command failed, or could not run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecError(pub String);
-
-impl std::fmt::Display for ExecError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ExecError {}
+crate::message_error!(
+    /// Why `--exec` did not take a message: the command failed, or could not run.
+    ExecError
+);
 
 #[cfg(test)]
 mod tests {

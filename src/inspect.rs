@@ -280,17 +280,10 @@ fn printable(bytes: &[u8]) -> String {
     text
 }
 
-/// Why `broker --inspect` could not show the queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InspectError(pub String);
-
-impl std::fmt::Display for InspectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for InspectError {}
+crate::message_error!(
+    /// Why `broker --inspect` could not show the queue.
+    InspectError
+);
 
 #[cfg(test)]
 mod tests {

@@ -681,17 +681,10 @@ impl JsonReader<'_> {
     }
 }
 
-/// Why a `nats://` URL is refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UrlError(pub String);
-
-impl std::fmt::Display for UrlError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UrlError {}
+crate::message_error!(
+    /// Why a `nats://` URL is refused.
+    UrlError
+);
 
 #[cfg(test)]
 mod tests {

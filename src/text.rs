@@ -3,6 +3,26 @@
 //! bytes; the bottom of the crate (it imports nothing from it), so that
 //! neither `protocol` nor `store` borrows from the other.
 
+/// Declares an error type that is one message, for failures whose only
+/// useful content is what to tell the person (a bad token file, a refused
+/// URL): `Display` prints the message, `std::error::Error` has no source.
+#[macro_export]
+macro_rules! message_error {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct $name(pub String);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::error::Error for $name {}
+    };
+}
+
 /// Longest consumer id, in bytes.
 pub const MAX_CONSUMER_ID: usize = 64;
 

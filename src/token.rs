@@ -96,17 +96,10 @@ fn parse_token_text(text: &[u8]) -> Result<Token, String> {
     Ok(Token(line.to_vec()))
 }
 
-/// Why a token file or token cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenError(pub String);
-
-impl std::fmt::Display for TokenError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for TokenError {}
+crate::message_error!(
+    /// Why a token file or token cannot be used.
+    TokenError
+);
 
 #[cfg(test)]
 mod tests {

@@ -317,7 +317,11 @@ fn contents(count: usize, seed: usize) -> Vec<Vec<u8>> {
 
 /// Sends every content through a raw producer connection, pipelined.
 fn send_all(broker: &Broker, contents: &[Vec<u8>]) {
-    let mut producer = broker.producer();
+    send_on(&mut broker.producer(), contents);
+}
+
+/// Sends every content on a registered producer connection, pipelined.
+fn send_on(producer: &mut crate::util::Client, contents: &[Vec<u8>]) {
     for chunk in contents.chunks(256) {
         let mut out = Vec::new();
         for content in chunk {
@@ -503,13 +507,21 @@ fn nats_forward_survives_a_broker_kill_and_a_nats_restart() {
     broker.restart();
     wait_count(&mut nats, "edge_restarts", first.len() as u64, &forwarder);
     drop(nats);
-    // NATS away: the backlog builds up in our broker.
+    // NATS away: the backlog builds up in our broker, and the forwarder
+    // fails to reach NATS at least once before it comes back.
+    let reconnects = |f: &Forwarder| f.stderr().matches("reconnecting in").count();
+    let before = reconnects(&forwarder);
     server.stop();
     let second = contents(3_000, 3);
     send_all(&broker, &second);
-    eventually("the forwarder noticing NATS is gone", || {
-        forwarder.stderr().contains("reconnecting in")
+    eventually("the forwarder failing to reach NATS", || {
+        reconnects(&forwarder) >= before + 2
     });
+    assert!(
+        forwarder.stderr().contains("cannot connect to NATS"),
+        "{}",
+        forwarder.stderr()
+    );
     server.restart();
     let mut nats = server.client();
     let all: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
