@@ -1796,6 +1796,50 @@ mod tests {
     }
 
     #[test]
+    fn a_power_cut_tail_of_the_last_segment_is_cut_only_when_durable_records_are_kept() {
+        // Garbage after record 56 (a stale block), no valid record after it.
+        let garbage = b"#!garbage of a stale block\n\x01\x02";
+        let dir = TempDir::new("power-cut");
+        let (mut log, _) = open(&dir.messages(), 100);
+        fill(&mut log, 57);
+        log.sync().unwrap();
+        let last = log.segments.back().unwrap().path.clone();
+        let len = fs::metadata(&last).unwrap().len();
+        let mut file = OpenOptions::new().append(true).open(&last).unwrap();
+        io::Write::write_all(&mut file, garbage).unwrap();
+        drop(log);
+        // Without what is durable, or when the offsets count a record that
+        // is gone (NEXT_ID 58), it is damage, and nothing is changed.
+        let plain = open_err(&dir.messages());
+        assert_eq!(damage_at(plain).1, len);
+        let ahead = Some(Durable { next_id: 58 });
+        let err = SegmentLog::open_after(&dir.messages(), Disk::real(), 100, MAX, ahead);
+        assert!(matches!(err, Err(SegmentError::Damaged { .. })));
+        assert_eq!(
+            fs::metadata(&last).unwrap().len(),
+            len + garbage.len() as u64
+        );
+        // The kept records reach NEXT_ID - 1: a power cut's, cut and reported.
+        let durable = Some(Durable { next_id: 57 });
+        let (mut again, report) =
+            SegmentLog::open_after(&dir.messages(), Disk::real(), 100, MAX, durable).unwrap();
+        assert_eq!(
+            report.power_cut,
+            Some(TornTail {
+                path: last.clone(),
+                offset: len,
+                bytes: garbage.len() as u64
+            })
+        );
+        assert_eq!(
+            (again.next_id(), fs::metadata(&last).unwrap().len()),
+            (57, len)
+        );
+        fill(&mut again, 70);
+        check_reads_from(&open(&dir.messages(), 100).0, 1, 5);
+    }
+
+    #[test]
     fn a_last_segment_of_only_a_torn_record_becomes_empty_and_names_the_next_id() {
         let dir = TempDir::new("torn-only");
         let (mut log, _) = open(&dir.messages(), 100);
