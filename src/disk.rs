@@ -6,8 +6,8 @@
 //! A [`Disk`] without a [`FaultPlan`] is a plain call of std's function; a
 //! plan is armed by tests only (nothing on the command line arms one). The
 //! seam covers the calls that decide what a client is told: appends to the
-//! messages file and their fsync, the offsets file's replacement and
-//! compaction's rewrite. Reads are not covered: recovery's failures stop
+//! segments and their fsync, rolls, cut backs, deletion of consumed
+//! segments and the offsets file's replacement. Reads are not covered: recovery's failures stop
 //! the start and are tested with real files.
 
 use std::fs::File;

@@ -80,7 +80,7 @@ struct Streak {
     current: Mutex<Option<(Instant, u64, Instant)>>,
 }
 
-/// The messages file's fsyncs, the offsets file, and the failure state.
+/// The active segment's fsyncs, the offsets file, and the failure state.
 pub struct Durability {
     policy: FsyncPolicy,
     disk: Disk,
