@@ -870,5 +870,4 @@ fn serve_from_log(
 }
 
 #[cfg(test)]
-#[path = "core_tests.rs"]
 mod tests;

@@ -5,11 +5,11 @@
 //! It takes events (a consumer registers or leaves, messages are stored or
 //! synced, a batch of `GET`s or `ACK`s, a clock tick) and returns what must
 //! happen (deliver these ids, notify these connections, release up to this
-//! id). It does no I/O: it imports nothing from `std::net`, `std::fs`,
-//! `crate::sys`, `crate::queue`, `crate::store` or `crate::log`, so every
+//! id). It does no I/O: no sockets, files, semaphores, shared memory,
+//! store or log (tests/it/architecture.rs checks its imports), so every
 //! rule here is tested without a socket, a file or a semaphore, and the
-//! model test in this file runs every short sequence of events against the
-//! invariants of docs/architecture.md. The shell that applies the effects
+//! model test (`state/tests.rs`) runs every short sequence of events
+//! against the invariants of docs/architecture.md. The shell that applies the effects
 //! is `core.rs`.
 //!
 //! The queue is the log on disk (issue 9): it holds the ids
@@ -598,5 +598,4 @@ impl State {
 }
 
 #[cfg(test)]
-#[path = "state_tests.rs"]
 mod tests;

@@ -269,6 +269,19 @@ fn room_is_the_capacity_less_what_no_cursor_passed() {
     assert_eq!((state.held(), state.room()), (1, 2));
 }
 
+#[test]
+fn every_ack_on_a_plain_cursor_is_unknown() {
+    let now = Instant::now();
+    let mut state = fresh(false, now);
+    state.register(1, Some(b"p"), false, now).unwrap();
+    state.stored(2);
+    assert_eq!(ids(&state.get(1, 2, now)), [1, 2]);
+    let acked = state.ack(1, &[Some(1), Some(2), None]);
+    assert_eq!(acked.results, [None, None, None]);
+    assert!(acked.notify.is_empty());
+    assert_eq!(state.cursor_pos(b"p"), Some(2), "the GETs consumed them");
+}
+
 // --- the model test -------------------------------------------------------
 
 /// Events per sequence: 6 in release builds (about 5 million sequences per

@@ -101,13 +101,18 @@ impl Harness {
         lines(&out)
     }
 
-    /// What `GET`s deliver now (up to 8).
+    /// What `GET`s deliver now (up to 8), as `id:content`.
     fn deliveries(&self) -> Vec<String> {
         let mut out = Vec::new();
         self.core.get_batch(&self.conn, 8, &mut sink(&mut out));
         lines(&out)
             .into_iter()
-            .filter(|line| matches!(protocol::parse_reply(line.as_bytes()), Reply::Msg { .. }))
+            .filter_map(|line| match protocol::parse_reply(line.as_bytes()) {
+                Reply::Msg { id, content } => {
+                    Some(format!("{id}:{}", String::from_utf8_lossy(content)))
+                }
+                _ => None,
+            })
             .collect()
     }
 
@@ -184,7 +189,7 @@ fn under_always_a_failed_fsync_is_an_error_never_delivered_nor_found() {
     // and is the only one delivered after the first.
     assert_eq!(h.send(&[b"z"]), [ok(2)]);
     let delivered = h.deliveries();
-    assert_eq!(delivered, ["MSG:1:kept", "MSG:2:z"]);
+    assert_eq!(delivered, ["1:kept", "2:z"]);
     assert_eq!(h.on_disk(), ["kept", "z"]);
     assert_eq!(h.core.durability.fsync_failures.load(Ordering::Relaxed), 1);
 }
@@ -270,7 +275,7 @@ fn a_roll_whose_fsync_fails_is_a_failed_send() {
     assert_eq!(h.send(&[b"two"]), [failed()]);
     assert_eq!(h.send(&[b"three"]), [ok(2)]);
     assert_eq!(h.on_disk(), ["one", "three"]);
-    assert_eq!(h.deliveries(), ["MSG:1:one", "MSG:2:three"]);
+    assert_eq!(h.deliveries(), ["1:one", "2:three"]);
 }
 
 #[test]
@@ -284,7 +289,7 @@ fn behind_the_ring_messages_come_from_the_log_in_order() {
     for _ in 0..4 {
         got.extend(h.deliveries());
     }
-    let expected: Vec<String> = (1..=30).map(|k| format!("MSG:{k}:m{k}")).collect();
+    let expected: Vec<String> = (1..=30).map(|k| format!("{k}:m{k}")).collect();
     assert_eq!(got, expected, "22 from the log, 8 from the ring");
 }
 
