@@ -344,15 +344,15 @@ fn check_set(key: i32, recorded: Option<i32>) -> Result<Option<i32>, QueueError>
         Some(pid) => format!("last used by pid {pid}, alive"),
         None => "its last user is gone".to_string(),
     };
-    let found = format!("id {id}, {nsems} semaphore(s), {user}; {recorded_text}");
+    let foreign = || QueueError::Foreign {
+        what: "semaphore set",
+        key,
+        option: "--sem-key",
+        found: format!("id {id}, {nsems} semaphore(s), {user}; {recorded_text}"),
+        ipcrm: 'S',
+    };
     if nsems != SEMAPHORES {
-        return Err(QueueError::Foreign {
-            what: "semaphore set",
-            key,
-            option: "--sem-key",
-            found,
-            ipcrm: 'S',
-        });
+        return Err(foreign());
     }
     if let Some(pid) = pid {
         return Err(QueueError::InUse {
@@ -363,13 +363,7 @@ fn check_set(key: i32, recorded: Option<i32>) -> Result<Option<i32>, QueueError>
         });
     }
     if recorded != Some(id) {
-        return Err(QueueError::Foreign {
-            what: "semaphore set",
-            key,
-            option: "--sem-key",
-            found,
-            ipcrm: 'S',
-        });
+        return Err(foreign());
     }
     Ok(Some(id))
 }

@@ -736,30 +736,11 @@ impl SegmentLog {
         let index = build_index(&file, &path, valid_len, first_id)?;
         if power_cut {
             let len = file.metadata().map_err(io_error("stat", &path))?.len();
-            self.disk
-                .truncate(&file, valid_len)
-                .map_err(io_error("truncate", &path))?;
-            self.disk
-                .sync_data(&file)
-                .map_err(io_error("fsync", &path))?;
-            report.power_cut = Some(TornTail {
-                path: path.clone(),
-                offset: valid_len,
-                bytes: len.saturating_sub(valid_len),
-            });
+            report.power_cut =
+                Some(self.cut_tail(&file, &path, valid_len, len.saturating_sub(valid_len))?);
         }
         if let Tail::Torn { bytes } = scan.tail {
-            self.disk
-                .truncate(&file, valid_len)
-                .map_err(io_error("truncate", &path))?;
-            self.disk
-                .sync_data(&file)
-                .map_err(io_error("fsync", &path))?;
-            report.torn = Some(TornTail {
-                path: path.clone(),
-                offset: valid_len,
-                bytes,
-            });
+            report.torn = Some(self.cut_tail(&file, &path, valid_len, bytes)?);
         }
         self.next_id = scan.last_id.map_or(first_id, |id| id + 1);
         self.total_bytes += valid_len;
@@ -1354,6 +1335,28 @@ pub fn repair(
     }
     sync_dir(&Disk::real(), &dir)?;
     Ok(saved)
+}
+
+impl SegmentLog {
+    /// Cuts `file` back to `valid_len` (a torn or power-cut tail of
+    /// `bytes` bytes) and fsyncs the cut, reporting what went.
+    fn cut_tail(
+        &self,
+        file: &File,
+        path: &Path,
+        valid_len: u64,
+        bytes: u64,
+    ) -> Result<TornTail, SegmentError> {
+        self.disk
+            .truncate(file, valid_len)
+            .map_err(io_error("truncate", path))?;
+        self.disk.sync_data(file).map_err(io_error("fsync", path))?;
+        Ok(TornTail {
+            path: path.to_path_buf(),
+            offset: valid_len,
+            bytes,
+        })
+    }
 }
 
 #[cfg(test)]
