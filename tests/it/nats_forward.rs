@@ -836,3 +836,40 @@ fn nats_forward_detects_a_silent_server_and_resumes() {
     assert!(status.success(), "{status}\n{}", forwarder.stderr());
     assert_exactly_once(&mut nats, "edge_silent", &instance(&broker), &all);
 }
+
+/// A server that PINGs every 100 ms and drops a connection after two
+/// unanswered (far tighter than its default of 2 minutes): the forwarder
+/// answers each PING, so an idle forwarder stays connected and still
+/// forwards what comes later.
+#[test]
+fn nats_forward_answers_the_servers_pings() {
+    let dir = TestDir::new("nats-pings");
+    let broker = Broker::start(&dir, &[]);
+    let config = dir.join("nats.conf");
+    std::fs::write(&config, "ping_interval: \"100ms\"\nping_max: 2\n").unwrap();
+    let server = NatsServer::start(&dir, &["-c", config.to_str().unwrap()]);
+    let mut nats = server.client();
+    let first = contents(10, 10);
+    send_all(&broker, &first);
+    let args = ["--id", "fwd", "--subject", "edge.pings"];
+    let mut forwarder = Forwarder::start(&dir, &broker, &server.url(), &args);
+    wait_count(&mut nats, "edge_pings", first.len() as u64, &forwarder);
+    // Idle through some thirty of the server's PINGs: a scenario length,
+    // not a readiness wait. (The tests' own client answers PINGs only
+    // while it waits for a reply, so it goes, and comes back after.)
+    drop(nats);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut nats = server.client();
+    let second = contents(10, 11);
+    send_all(&broker, &second);
+    let all: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
+    wait_count(&mut nats, "edge_pings", all.len() as u64, &forwarder);
+    let status = forwarder.terminate();
+    let stderr = forwarder.stderr();
+    assert!(status.success(), "{status}\n{stderr}");
+    assert!(
+        !stderr.contains("reconnecting"),
+        "dropped as stale:\n{stderr}"
+    );
+    assert_exactly_once(&mut nats, "edge_pings", &instance(&broker), &all);
+}
