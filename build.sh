@@ -296,19 +296,27 @@ bench_backlog() {
 }
 
 # Starts nats-server -js on a port the kernel picks, its store and log in
-# $1; waits (bounded) for "Server is ready" in its log. Sets npid and nport.
+# $1; waits (bounded, 20 s) for "Server is ready" in its log. Sets npid
+# and nport. On failure it says why on stderr, leaves no server running
+# and returns 1 (the bench runs it in command substitutions, where an exit
+# would leave the caller's broker behind).
 start_nats() {
     local dir=$1
     rm -rf "$dir/js" "$dir/nats.log"
     nats-server -js -sd "$dir/js" -p -1 -a 127.0.0.1 -l "$dir/nats.log" >/dev/null 2>&1 &
     npid=$!
-    for _ in $(seq 1 250); do
+    for _ in $(seq 1 1000); do
         grep -q 'Server is ready' "$dir/nats.log" 2>/dev/null && break
-        kill -0 "$npid" 2>/dev/null || { cat "$dir/nats.log"; exit 1; }
+        kill -0 "$npid" 2>/dev/null || break
         sleep 0.02
     done
     nport="$(sed -n 's/.*Listening for client connections on 127.0.0.1:\([0-9]*\).*/\1/p' "$dir/nats.log" | tail -n 1)"
-    [ -n "$nport" ] || { echo "nats-server did not start"; cat "$dir/nats.log"; exit 1; }
+    if ! grep -q 'Server is ready' "$dir/nats.log" 2>/dev/null || [ -z "$nport" ]; then
+        echo "nats-server did not start:" >&2
+        cat "$dir/nats.log" >&2
+        stop_nats
+        return 1
+    fi
 }
 
 stop_nats() {
@@ -336,12 +344,15 @@ bench_forward() {
     local total=$1 window=$2 start status=0
     # Room for the forwarder's 2 x window taken and not yet acknowledged.
     bench_broker --max-ack-pending "$(( 4 * window > 1000 ? 4 * window : 1000 ))"
-    start_nats "$bdir"
+    start_nats "$bdir" || { stop_broker; return 1; }
     # The id exists (ack mode) before the backlog is made, so it is held for it.
     timeout 10 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id fwd --ack --count 1 \
         --timeout 1 >/dev/null 2>&1 || true
-    timeout 300 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$total" -i 0 --window 256 \
-        --size "$bsize" >/dev/null 2>>"$bdir/clients.err"
+    if ! timeout 300 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$total" -i 0 --window 256 \
+        --size "$bsize" >/dev/null 2>>"$bdir/clients.err"; then
+        echo "the producer failed:" >&2; cat "$bdir/clients.err" >&2
+        stop_nats; stop_broker; return 1
+    fi
     start=$(now_ns)
     timeout 300 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id fwd \
         --to-nats "nats://127.0.0.1:$nport" --subject bench.forward --window "$window" \
@@ -371,7 +382,7 @@ bench_jetstream_p() {
             { echo "the Nats-Msg-Id patch does not apply to this peerbench" >&2; return 1; }
     fi
     (cd "$copy" && CARGO_TARGET_DIR="$here/target/peerbench-$variant" cargo build --release --quiet) >&2
-    start_nats "$bdir"
+    start_nats "$bdir" || return 1
     out=$("$here/target/peerbench-$variant/release/peerbench" run --target jetstream --addr "127.0.0.1:$nport" \
         --scenario P --n "$bcount" --size "$bsize" --window 256 --server-pid "$npid" 2>>"$bdir/clients.err" | grep '^RESULT' | tail -n 1)
     stop_nats
@@ -524,12 +535,13 @@ bench_forward_rows() {
     local fwd fwd_wide js js_before js_after id id_before id_after
     # JetStream's own rates before and after the forward runs, in mirror
     # order, so that both ratios are taken against the same machine load.
-    js_before=$(bench_jetstream_p plain)
-    id_before=$(bench_jetstream_p msg-id)
-    fwd=$(bench_forward "$bcount" 256)
-    fwd_wide=$(bench_forward "$bcount" 1024)
-    id_after=$(bench_jetstream_p msg-id)
-    js_after=$(bench_jetstream_p plain)
+    local failed="forward bench: a run failed (see above)"
+    js_before=$(bench_jetstream_p plain) || { echo "$failed" >&2; return 1; }
+    id_before=$(bench_jetstream_p msg-id) || { echo "$failed" >&2; return 1; }
+    fwd=$(bench_forward "$bcount" 256) || { echo "$failed" >&2; return 1; }
+    fwd_wide=$(bench_forward "$bcount" 1024) || { echo "$failed" >&2; return 1; }
+    id_after=$(bench_jetstream_p msg-id) || { echo "$failed" >&2; return 1; }
+    js_after=$(bench_jetstream_p plain) || { echo "$failed" >&2; return 1; }
     js=$(( (js_before + js_after) / 2 ))
     id=$(( (id_before + id_after) / 2 ))
     ratios() {
