@@ -745,6 +745,9 @@ fn pump(
     }
     loop {
         if (stop.load(Ordering::Relaxed) || pipeline.stopping()) && clocks.stop_by.is_none() {
+            if !stop.load(Ordering::Relaxed) {
+                eprintln!("consumer: --count reached: finishing the publishes in flight");
+            }
             pipeline.stop();
             clocks.stop_by = Some(Instant::now() + STOP_WAIT);
         }

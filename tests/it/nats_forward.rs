@@ -742,6 +742,7 @@ fn nats_forward_count_exits_once_that_many_are_stored() {
             stderr.contains(&format!("consumer: forwarded {count},")),
             "{stderr}"
         );
+        assert!(stderr.contains("--count reached"), "{stderr}");
     };
     run("200");
     assert_eq!(nats.count("edge_count"), 200);
