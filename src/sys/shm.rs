@@ -26,7 +26,7 @@
 
 use std::io;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::sem::{MAX_OPS, Op, SemaphoreSet};
 use super::{annotate, cvt};
@@ -371,13 +371,19 @@ impl<T> Region<T> {
         ops[..with.len()].copy_from_slice(with);
         ops[with.len()] = self.take();
         let has_nowait = with.iter().any(|op| op.flags & super::sem::NOWAIT != 0);
+        let started = Instant::now();
         match self.sems.apply(&ops[..=with.len()], Some(timeout)) {
             Ok(true) => Ok(RegionGuard {
                 region: self,
                 local,
                 released: false,
             }),
-            Ok(false) if has_nowait => Err(LockError::WouldBlock),
+            // EAGAIN says either: a NOWAIT operation could not be made (at
+            // once, or when a change woke the wait for the MUTEX), or the
+            // MUTEX stayed taken for the whole timeout. The time it took
+            // tells which, so that a MUTEX held by another process is never
+            // blamed on the counters.
+            Ok(false) if has_nowait && started.elapsed() < timeout => Err(LockError::WouldBlock),
             Ok(false) => Err(LockError::TimedOut),
             Err(err) => Err(LockError::Io(err)),
         }
@@ -534,5 +540,66 @@ mod tests {
         drop(region);
         // Unmapped now: it may be looked at again (a new segment is zeros).
         assert_eq!(peek(id, 8).unwrap(), vec![0u8; 8]);
+    }
+
+    #[test]
+    fn a_held_mutex_is_a_timeout_and_a_short_count_is_would_block() {
+        use super::super::sem::{NOWAIT, Op};
+        let key = 0x5310_0000 + (std::process::id() as i32 & 0xffff) * 4;
+        let segment = Segment::create(key, 64).unwrap();
+        let _segment_gone = Removed::segment(segment.id());
+        // MUTEX (index 0) free, a counter (index 1) at 0.
+        let sems = SemaphoreSet::create(key, &[1, 0]).unwrap();
+        let _sems_gone = Removed::set(sems.id());
+        let region = Region::new(segment, sems, 0, ());
+        let counter = |delta, flags| Op {
+            index: 1,
+            delta,
+            flags,
+        };
+        let short = region.lock(&[counter(-1, NOWAIT)], Duration::from_secs(5));
+        assert!(
+            matches!(short, Err(LockError::WouldBlock)),
+            "{:?}",
+            short.err()
+        );
+        // The MUTEX taken as another process would (no SEM_UNDO here: the
+        // test gives it back itself).
+        let hold = Op {
+            index: 0,
+            delta: -1,
+            flags: 0,
+        };
+        assert!(region.sems().apply(&[hold], None).unwrap());
+        let held = region.lock(&[counter(1, NOWAIT)], Duration::from_millis(200));
+        assert!(matches!(held, Err(LockError::TimedOut)), "{:?}", held.err());
+        let release = Op { delta: 1, ..hold };
+        assert!(region.sems().apply(&[release], None).unwrap());
+        let guard = region.lock(&[counter(1, NOWAIT)], Duration::from_secs(5));
+        assert!(guard.is_ok(), "free again");
+    }
+
+    /// Removes a segment or a set when dropped, even when a test fails.
+    enum Removed {
+        Segment(i32),
+        Set(i32),
+    }
+
+    impl Removed {
+        fn segment(id: i32) -> Removed {
+            Removed::Segment(id)
+        }
+        fn set(id: i32) -> Removed {
+            Removed::Set(id)
+        }
+    }
+
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = match *self {
+                Removed::Segment(id) => remove(id),
+                Removed::Set(id) => super::super::sem::remove(id),
+            };
+        }
     }
 }
