@@ -522,7 +522,7 @@ lab_cleanup() {
     for log in $(find "$lab_dir" -name '*.log' 2>/dev/null); do
         for pid in $(sed -n 's/.* starting broker pid \([0-9]*\):.*/\1/p' "$log"); do
             # Ours only if its command line names our directory.
-            tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$lab_dir" && pids+=("$pid")
+            tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF "$lab_dir" && pids+=("$pid")
         done
     done
     pids+=($(jobs -p))
@@ -555,7 +555,7 @@ lab_read_command() {
         lab_line=$((lab_line + 1))
         printf '%s\n' "$line" >>"$lab_work/doc"
         lab_command+=$'\n'"$line"
-        [[ -n $end && $line == "$end" ]] && end="" && line=""
+        if [[ -n $end && $line == "$end" ]]; then end="" line=""; fi
     done
 }
 
