@@ -331,57 +331,115 @@ broker_stat() {
     tr ' :' '\n\n' <<<"$line" | sed -n "s/^$1=//p"
 }
 
-# The forward row: $1 messages backlogged in the broker, forwarded into a
-# fresh JetStream file stream with --window $2. The broker's queue holds
-# at most 32767 messages per round (as before issue 9, when that was the most the queue held, so the figures compare), so it goes in rounds:
-# fill the queue with the forwarder stopped, start it, time until the
-# broker holds nothing (every message acknowledged after its PubAck),
-# stop it (SIGTERM); again until all are sent. Nothing else runs while a
-# round is timed. Prints msgs/s: all messages over the rounds' time.
+# The forward row: $1 messages backlogged in the broker (the log is the
+# queue: all of them at once, with no consumer running), then forwarded
+# into a fresh JetStream file stream with --window $2 and --count $1, so
+# the forwarder exits once the last one is in the stream and acknowledged
+# to the broker. The time runs from the forwarder's start (connect, stream
+# lookup, resume point included) to its exit. Prints msgs/s.
 bench_forward() {
-    local total=$1 window=$2 sent=0 chunk start fpid spent=0 t
+    local total=$1 window=$2 start status=0
     # Room for the forwarder's 2 x window taken and not yet acknowledged.
-    bench_broker --capacity 32767 --max-ack-pending "$(( 4 * window > 1000 ? 4 * window : 1000 ))"
+    bench_broker --max-ack-pending "$(( 4 * window > 1000 ? 4 * window : 1000 ))"
     start_nats "$bdir"
-    while [ "$sent" -lt "$total" ]; do
-        chunk=$(( total - sent < 32767 ? total - sent : 32767 ))
-        timeout 120 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$chunk" -i 0 --window 256 \
-            --size "$bsize" >/dev/null 2>>"$bdir/clients.err"
-        sent=$(( sent + chunk ))
-        start=$(now_ns)
-        timeout 300 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id fwd \
-            --to-nats "nats://127.0.0.1:$nport" --subject bench.forward --window "$window" \
-            >/dev/null 2>>"$bdir/forward.err" &
-        fpid=$!
-        for t in $(seq 1 30000); do
-            [ "$(broker_stat messages)" = 0 ] && break
-            # It runs in a command substitution: clean up here, the EXIT
-            # trap of the parent shell knows nothing of this broker.
-            kill -0 "$fpid" 2>/dev/null || { cat "$bdir/forward.err" >&2; stop_nats; stop_broker; return 1; }
-            sleep 0.005
-        done
-        spent=$(( spent + $(now_ns) - start ))
-        kill -TERM "$fpid" 2>/dev/null || true
-        wait "$fpid" || true
-    done
-    awk -v n="$total" -v ns="$spent" 'BEGIN { printf "%.0f", n / (ns / 1e9) }'
+    # The id exists (ack mode) before the backlog is made, so it is held for it.
+    timeout 10 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id fwd --ack --count 1 \
+        --timeout 1 >/dev/null 2>&1 || true
+    timeout 300 "$here/bin/producer" --host 127.0.0.1 --port "$bport" -n "$total" -i 0 --window 256 \
+        --size "$bsize" >/dev/null 2>>"$bdir/clients.err"
+    start=$(now_ns)
+    timeout 300 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id fwd \
+        --to-nats "nats://127.0.0.1:$nport" --subject bench.forward --window "$window" \
+        --count "$total" >/dev/null 2>>"$bdir/forward.err" || status=$?
+    local spent=$(( $(now_ns) - start ))
     stop_nats
     stop_broker
+    [ "$status" = 0 ] || { echo "the forwarder failed ($status):" >&2; cat "$bdir/forward.err" >&2; return 1; }
+    awk -v n="$total" -v ns="$spent" 'BEGIN { printf "%.0f", n / (ns / 1e9) }'
 }
 
 # peerbench's jetstream P in the same sitting: 1 producer, window 256,
 # PUB with a reply inbox, PubAcks counted, into a fresh file stream.
+# With $1 = msg-id, peerbench is first patched (its copy, in $bdir) to
+# publish as the forwarder must: HPUB with a `Nats-Msg-Id` header, unique
+# per message, into a stream with a 2-minute duplicate window. That is
+# JetStream's own pipelined publish rate with deduplication: the ceiling
+# for an exactly-once forwarder on this server.
 bench_jetstream_p() {
-    local src="${PEERBENCH_SRC:-$here/../shared/peerbench}" out
+    local variant=${1:-plain} src="${PEERBENCH_SRC:-$here/../shared/peerbench}" out
     [ -d "$src" ] || { echo "no peerbench at $src" >&2; return 1; }
-    rm -rf "$bdir/peerbench"
-    cp -r "$src" "$bdir/peerbench"
-    (cd "$bdir/peerbench" && CARGO_TARGET_DIR="$here/target/peerbench" cargo build --release --quiet) >&2
+    local copy="$bdir/peerbench-$variant"
+    rm -rf "$copy"
+    cp -r "$src" "$copy"
+    if [ "$variant" = msg-id ]; then
+        (cd "$copy" && git apply) <<<"$(peerbench_msg_id_patch)" ||
+            { echo "the Nats-Msg-Id patch does not apply to this peerbench" >&2; return 1; }
+    fi
+    (cd "$copy" && CARGO_TARGET_DIR="$here/target/peerbench-$variant" cargo build --release --quiet) >&2
     start_nats "$bdir"
-    out=$("$here/target/peerbench/release/peerbench" run --target jetstream --addr "127.0.0.1:$nport" \
+    out=$("$here/target/peerbench-$variant/release/peerbench" run --target jetstream --addr "127.0.0.1:$nport" \
         --scenario P --n "$bcount" --size "$bsize" --window 256 --server-pid "$npid" 2>>"$bdir/clients.err" | grep '^RESULT' | tail -n 1)
     stop_nats
     sed -n 's/.* msgs_per_s=\([0-9]*\).*/\1/p' <<<"$out"
+}
+
+# The patch for bench_jetstream_p msg-id (against peerbench's src/nats.rs).
+peerbench_msg_id_patch() {
+    cat <<'PATCH'
+--- a/src/nats.rs
++++ b/src/nats.rs
+@@ -171,7 +171,7 @@
+     let inbox = format!("_INBOX.pbsetup{}", names.rid);
+     let mut c = connect(addr, &format!("SUB {inbox}.* 1\r\n"))?;
+     let stream = format!(
+-        r#"{{"name":"{}","subjects":["{}"],"retention":"workqueue","storage":"file","num_replicas":1,"discard":"old"}}"#,
++        r#"{{"name":"{}","subjects":["{}"],"retention":"workqueue","storage":"file","num_replicas":1,"discard":"old","duplicate_window":120000000000}}"#,
+         names.stream, names.q
+     );
+     js_api(&mut c, &inbox, &format!("$JS.API.STREAM.CREATE.{}", names.stream), &stream)?;
+@@ -252,14 +252,23 @@
+ /// on the inbox, one per message.
+ pub struct JsProd {
+     head: Vec<u8>,
++    n: u64,
+ }
+ 
+ impl ProdProto for JsProd {
+     #[inline]
+     fn encode(&mut self, out: &mut Vec<u8>, payload: &[u8]) {
++        self.n += 1;
++        let mut h = Vec::new();
++        h.extend_from_slice(b"NATS/1.0\r\nNats-Msg-Id: 0123456789abcdef-");
++        push_u64(&mut h, self.n);
++        h.extend_from_slice(b"\r\n\r\n");
+         out.extend_from_slice(&self.head);
+-        push_u64(out, payload.len() as u64);
++        push_u64(out, h.len() as u64);
++        out.push(b' ');
++        push_u64(out, (h.len() + payload.len()) as u64);
+         out.extend_from_slice(b"\r\n");
++        out.extend_from_slice(&h);
+         out.extend_from_slice(payload);
+         out.extend_from_slice(b"\r\n");
+     }
+@@ -287,14 +296,14 @@
+ impl JsProd {
+     #[cfg(test)]
+     pub fn for_tests() -> JsProd {
+-        JsProd { head: b"PUB s _INBOX.t.a ".to_vec() }
++        JsProd { head: b"HPUB s _INBOX.t.a ".to_vec(), n: 0 }
+     }
+ }
+ 
+ pub fn connect_js_producer(addr: &str, names: &Names, idx: usize) -> Res<(Conn, JsProd)> {
+     let inbox = format!("_INBOX.pb{}p{idx}", names.rid);
+     let c = connect(addr, &format!("SUB {inbox}.* 1\r\n"))?;
+-    Ok((c, JsProd { head: format!("PUB {} {inbox}.a ", names.q).into_bytes() }))
++    Ok((c, JsProd { head: format!("HPUB {} {inbox}.a ", names.q).into_bytes(), n: 0 }))
+ }
+ 
+ // ---------------------------------------------------------------- consumers
+PATCH
 }
 
 bench() {
@@ -468,20 +526,28 @@ bench_forward_rows() {
         echo "forward: not measured: needs the Debian package nats-server"
         return
     fi
-    local fwd fwd_wide js js_before js_after ratio
-    # JetStream before and after the forward runs, so that the ratio is
-    # taken against the same machine load.
-    js_before=$(bench_jetstream_p)
+    local fwd fwd_wide js js_before js_after id id_before id_after
+    # JetStream's own rates before and after the forward runs, in mirror
+    # order, so that both ratios are taken against the same machine load.
+    js_before=$(bench_jetstream_p plain)
+    id_before=$(bench_jetstream_p msg-id)
     fwd=$(bench_forward "$bcount" 256)
     fwd_wide=$(bench_forward "$bcount" 1024)
-    js_after=$(bench_jetstream_p)
+    id_after=$(bench_jetstream_p msg-id)
+    js_after=$(bench_jetstream_p plain)
     js=$(( (js_before + js_after) / 2 ))
-    ratio() { awk -v a="$1" -v b="$js" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "?" }'; }
+    id=$(( (id_before + id_after) / 2 ))
+    ratios() {
+        awk -v a="$1" -v p="$js" -v m="$id" \
+            'BEGIN { if (p > 0 && m > 0) printf "%.2f x jetstream P, %.2f x jetstream P with Nats-Msg-Id", a / p, a / m; else print "?" }'
+    }
     printf 'forward (consumer --to-nats, %s messages of %s bytes backlogged, fresh file stream):\n' "$bcount" "$bsize"
-    printf '  --window 256 (default): %s msgs/s (%s x jetstream P)\n' "$fwd" "$(ratio "$fwd")"
-    printf '  --window 1024:          %s msgs/s (%s x jetstream P)\n' "$fwd_wide" "$(ratio "$fwd_wide")"
+    printf '  --window 256 (default): %s msgs/s (%s)\n' "$fwd" "$(ratios "$fwd")"
+    printf '  --window 1024:          %s msgs/s (%s)\n' "$fwd_wide" "$(ratios "$fwd_wide")"
     printf 'jetstream P (peerbench, PUB with a reply inbox, window 256, same sitting): %s msgs/s (runs before and after: %s, %s)\n' \
         "$js" "$js_before" "$js_after"
+    printf 'jetstream P with Nats-Msg-Id (peerbench patched: HPUB, unique id, 2 min duplicate window): %s msgs/s (before and after: %s, %s; %s x jetstream P)\n' \
+        "$id" "$id_before" "$id_after" "$(awk -v a="$id" -v b="$js" 'BEGIN { printf "%.2f", a / b }')"
 }
 
 # --- lab -----------------------------------------------------------------

@@ -63,6 +63,9 @@ pub struct ForwardOptions {
     pub window: usize,
     pub retries: Option<u32>,
     pub heartbeat: Duration,
+    /// `--count`: stop once this many messages are in the stream and
+    /// acknowledged to our broker (forwarded, or found there already).
+    pub count: Option<u64>,
 }
 
 /// Default `--window`.
@@ -153,9 +156,17 @@ pub struct Pipeline {
     /// room: (message id, content).
     ready: VecDeque<(u64, Vec<u8>)>,
     next_sequence: u64,
+    /// The highest message id made ready in this cycle.
+    newest_taken: u64,
+    /// Scratch for one publish's reply subject and `Nats-Msg-Id`, kept to
+    /// spare two allocations per message.
+    reply: Vec<u8>,
+    msg_id: Vec<u8>,
     /// Ids stored in JetStream, to acknowledge to our broker.
     to_ack: Vec<u64>,
     stopping: bool,
+    /// `--count`: messages to settle in all (across cycles) before stopping.
+    limit: Option<u64>,
     pub totals: Totals,
 }
 
@@ -182,10 +193,43 @@ impl Pipeline {
             in_flight: VecDeque::new(),
             ready: VecDeque::new(),
             next_sequence: 1,
+            newest_taken: 0,
+            reply: Vec::new(),
+            msg_id: Vec::new(),
             to_ack: Vec::new(),
             stopping: false,
+            limit: None,
             totals,
         }
+    }
+
+    /// Stops once `count` messages in all (these totals included) are
+    /// settled, and never takes more than that from our broker.
+    pub fn with_limit(mut self, count: Option<u64>) -> Pipeline {
+        self.limit = count;
+        self.check_limit();
+        self
+    }
+
+    /// Messages in the stream and acknowledged (or about to be) to our
+    /// broker, over all cycles.
+    fn settled_count(&self) -> u64 {
+        self.totals.forwarded + self.totals.duplicates + self.totals.skipped
+    }
+
+    /// Stops taking once the `--count` is reached.
+    fn check_limit(&mut self) {
+        if self
+            .limit
+            .is_some_and(|limit| self.settled_count() >= limit)
+        {
+            self.stopping = true;
+        }
+    }
+
+    /// Whether the pipeline stopped taking (a signal or `--count`).
+    pub fn stopping(&self) -> bool {
+        self.stopping
     }
 
     /// Queues in `wire` what our broker should get now: the acks of what
@@ -215,6 +259,12 @@ impl Pipeline {
         if self.drained && self.probe && self.gets_due == 0 && self.unacked() == 0 {
             gets = 1;
             self.probe = false;
+        }
+        if let Some(limit) = self.limit {
+            // Never take a message the count has no room for.
+            let taken = self.settled_count() + (self.in_flight.len() + self.ready.len()) as u64;
+            let room = limit.saturating_sub(taken + self.gets_due as u64);
+            gets = gets.min(usize::try_from(room).unwrap_or(usize::MAX));
         }
         for _ in 0..gets {
             protocol::encode_request(wire, &Command::Get);
@@ -318,11 +368,17 @@ impl Pipeline {
         if id <= self.totals.stored {
             self.totals.skipped += 1;
             self.to_ack.push(id);
+            self.check_limit();
             return;
         }
-        let on_its_way = self.in_flight.iter().any(|&(_, pending)| pending == id)
-            || self.ready.iter().any(|(pending, _)| *pending == id);
+        // The broker hands out ids in order, so a new message is almost
+        // always above every one taken; only a redelivery needs the look
+        // through what is on its way (up to 2 x window entries).
+        let on_its_way = id <= self.newest_taken
+            && (self.in_flight.iter().any(|&(_, pending)| pending == id)
+                || self.ready.iter().any(|(pending, _)| *pending == id));
         if !on_its_way {
+            self.newest_taken = self.newest_taken.max(id);
             self.ready.push_back((id, content.to_vec()));
         }
     }
@@ -336,12 +392,13 @@ impl Pipeline {
             };
             let sequence = self.next_sequence;
             self.next_sequence += 1;
-            let mut reply = Vec::with_capacity(self.inbox.len() + 20);
-            reply.extend_from_slice(self.inbox.as_bytes());
-            protocol::push_u64(&mut reply, sequence % self.reply_slots);
-            let mut msg_id = self.id_prefix.clone();
-            protocol::push_u64(&mut msg_id, id);
-            nats::push_hpub_with_id(wire, &self.subject, &reply, &msg_id, &content);
+            self.reply.clear();
+            self.reply.extend_from_slice(self.inbox.as_bytes());
+            protocol::push_u64(&mut self.reply, sequence % self.reply_slots);
+            self.msg_id.clear();
+            self.msg_id.extend_from_slice(&self.id_prefix);
+            protocol::push_u64(&mut self.msg_id, id);
+            nats::push_hpub_with_id(wire, &self.subject, &self.reply, &self.msg_id, &content);
             self.in_flight.push_back((sequence, id));
         }
     }
@@ -380,6 +437,7 @@ impl Pipeline {
         }
         self.totals.stored = self.totals.stored.max(id);
         self.to_ack.push(id);
+        self.check_limit();
         Verdict::Continue
     }
 
@@ -451,7 +509,8 @@ pub fn own_message_id(value: &[u8], instance: &str) -> Option<u64> {
 
 /// Something a reader thread saw.
 enum Event {
-    Broker(Vec<Vec<u8>>),
+    /// Complete lines from our broker, each ending in `\n`.
+    Broker(Vec<u8>),
     Nats(Vec<Op>),
     Lost(Verdict),
 }
@@ -484,10 +543,12 @@ pub fn run(options: &ForwardOptions) -> i32 {
         Ok(_) => forward(options, &stop, &mut totals),
         Err(err) => Err(format!("cannot start the signal thread: {err}")),
     };
+    let elapsed = started.elapsed();
+    // The signal thread waits in slices of 200 ms; it is not joined (it
+    // holds nothing, and the process exit ends it), so the exit does not
+    // wait for its slice to end.
     done.store(true, Ordering::Relaxed);
-    if let Ok(handle) = signals {
-        let _ = handle.join();
-    }
+    drop(signals);
     let code = match status {
         Ok(()) => 0,
         Err(why) => {
@@ -495,7 +556,7 @@ pub fn run(options: &ForwardOptions) -> i32 {
             1
         }
     };
-    summary(&totals, started.elapsed());
+    summary(&totals, elapsed);
     code
 }
 
@@ -619,7 +680,8 @@ fn cycle(
         &options.subject,
         &inbox,
         totals.clone(),
-    );
+    )
+    .with_limit(options.count);
     let outcome = pump_with_readers(&mut pipeline, broker, nats, options, stop);
     *totals = pipeline.totals.clone();
     outcome
@@ -718,7 +780,7 @@ fn pump(
         Vec::with_capacity(256 * 1024),
     );
     loop {
-        if stop.load(Ordering::Relaxed) && clocks.stop_by.is_none() {
+        if (stop.load(Ordering::Relaxed) || pipeline.stopping()) && clocks.stop_by.is_none() {
             pipeline.stop();
             clocks.stop_by = Some(Instant::now() + STOP_WAIT);
         }
@@ -793,8 +855,9 @@ fn handle(
         Event::Lost(why) => Err(why),
         Event::Broker(lines) => {
             clocks.broker_heard = Instant::now();
-            for line in lines {
-                verdict(pipeline.on_broker_line(&line))?;
+            let lines = lines.strip_suffix(b"\n").unwrap_or(&lines);
+            for line in lines.split(|&byte| byte == b'\n') {
+                verdict(pipeline.on_broker_line(line))?;
             }
             Ok(())
         }
@@ -986,10 +1049,15 @@ impl BrokerWire {
             return;
         }
         loop {
+            // The batch's lines, each ending in '\n': one allocation per
+            // read, not one per line.
             let mut lines = Vec::new();
             while let Some(next) = self.reader.next_line() {
                 match next {
-                    Line::Complete(range) => lines.push(self.reader.bytes(range).to_vec()),
+                    Line::Complete(range) => {
+                        lines.extend_from_slice(self.reader.bytes(range));
+                        lines.push(b'\n');
+                    }
                     Line::TooLong => {
                         let _ = tx.send(lost("reply line too long".into()));
                         return;
@@ -1556,6 +1624,39 @@ mod tests {
         assert_eq!(broker(&mut p), "ACK:1\n", "no more GETs");
         lines(&mut p, &["ERROR:No messages available", "OK:ACK:1"]);
         assert!(p.settled());
+    }
+
+    #[test]
+    fn count_takes_no_more_than_it_needs_and_then_stops() {
+        // --count 3, window 2; the stream holds id 1 already.
+        let mut p = pipeline(2, 1).with_limit(Some(3));
+        assert_eq!(broker(&mut p), "GET\nGET\n");
+        assert_eq!(lines(&mut p, &["MSG:1:a", "MSG:2:b"]), ["ab12-2"]);
+        assert_eq!(
+            broker(&mut p),
+            "ACK:1\nGET\n",
+            "1 skipped + 1 in flight: room for one"
+        );
+        assert_eq!(lines(&mut p, &["OK:ACK:1", "MSG:3:c"]), ["ab12-3"]);
+        assert_eq!(broker(&mut p), "", "the count is all taken");
+        p.on_puback(&puback(1, r#"{"seq":1}"#));
+        assert!(!p.stopping(), "2 of 3 settled");
+        p.on_puback(&puback(2, r#"{"seq":2}"#));
+        assert!(p.stopping(), "3 of 3 settled");
+        assert_eq!(broker(&mut p), "ACK:2\nACK:3\n");
+        lines(&mut p, &["OK:ACK:2", "OK:ACK:3"]);
+        assert!(p.settled());
+    }
+
+    #[test]
+    fn a_count_reached_in_an_earlier_cycle_stops_at_once() {
+        let totals = Totals {
+            forwarded: 5,
+            ..Totals::default()
+        };
+        let mut p = Pipeline::new(4, "ab12", "edge.a", INBOX, totals).with_limit(Some(5));
+        assert!(p.stopping() && p.settled());
+        assert_eq!(broker(&mut p), "");
     }
 
     #[test]

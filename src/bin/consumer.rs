@@ -36,7 +36,8 @@ options:
                           on its stdin, $MSG_ID in its environment; with --ack
                           only a message whose CMD exits 0 is acknowledged
                           (a failure is logged and redelivered after the ack wait)
-  -c, --count N           exit after N distinct messages printed
+  -c, --count N           exit after N distinct messages printed (with --to-nats:
+                          after N messages are in the stream and acknowledged)
   -t, --timeout S         exit after S seconds without a message
   -v, --verbose           print '<id><TAB><content>' and a final count
   -w, --window N          GETs in flight at most                   [64]
@@ -120,13 +121,9 @@ impl NatsArgs {
                 "invalid value '{stream}' for --stream: no . * > / \\ or spaces"
             )));
         }
-        if options.count.is_some()
-            || options.timeout.is_some()
-            || options.verbose
-            || options.exec.is_some()
-        {
+        if options.timeout.is_some() || options.verbose || options.exec.is_some() {
             return Err(UsageError(
-                "--count, --timeout, --verbose and --exec do not apply to --to-nats".into(),
+                "--timeout, --verbose and --exec do not apply to --to-nats".into(),
             ));
         }
         Ok(Some(ForwardOptions {
@@ -139,6 +136,7 @@ impl NatsArgs {
             window: self.window.unwrap_or(forward::DEFAULT_WINDOW),
             retries: options.retries,
             heartbeat: options.heartbeat,
+            count: options.count,
         }))
     }
 }

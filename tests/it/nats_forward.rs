@@ -721,3 +721,155 @@ fn nats_forward_sends_the_broker_token_first() {
     assert!(forwarder.terminate().success(), "{}", forwarder.stderr());
     assert_exactly_once(&mut nats, "edge_token", &instance, &sent);
 }
+
+/// `--count N`: the forwarder exits 0 by itself once N messages are in the
+/// stream and acknowledged; the rest stays in our broker for the next run.
+#[test]
+fn nats_forward_count_exits_once_that_many_are_stored() {
+    let dir = TestDir::new("nats-count");
+    let broker = Broker::start(&dir, &[]);
+    let server = NatsServer::start(&dir, &[]);
+    let mut nats = server.client();
+    let sent = contents(300, 6);
+    send_all(&broker, &sent);
+    let run = |count: &str| {
+        let args = ["--id", "fwd", "--subject", "edge.count", "--count", count];
+        let mut forwarder = Forwarder::start(&dir, &broker, &server.url(), &args);
+        let status = forwarder.wait();
+        let stderr = forwarder.stderr();
+        assert!(status.success(), "{status}\n{stderr}");
+        assert!(
+            stderr.contains(&format!("consumer: forwarded {count},")),
+            "{stderr}"
+        );
+    };
+    run("200");
+    assert_eq!(nats.count("edge_count"), 200);
+    eventually("the first 200 acknowledged to the broker", || {
+        broker.stat("messages") == 100
+    });
+    run("100");
+    assert_exactly_once(&mut nats, "edge_count", &instance(&broker), &sent);
+    eventually("every message acknowledged to the broker", || {
+        broker.stat("messages") == 0
+    });
+}
+
+/// A user who may not publish on the subject: NATS answers `-ERR
+/// 'Permissions Violation ...'`, which retrying cannot mend: one line and
+/// exit 1, and our broker still holds every message.
+#[test]
+fn nats_forward_stops_on_a_permissions_violation() {
+    let dir = TestDir::new("nats-permissions");
+    let broker = Broker::start(&dir, &[]);
+    let config = dir.join("nats.conf");
+    std::fs::write(
+        &config,
+        "authorization {\n  users = [\n    { user: edge, password: s3cret, permissions: {\n      \
+         publish: { allow: [\"$JS.API.>\", \"edge.allowed\"] },\n      \
+         subscribe: { allow: [\"_INBOX.>\"] } } }\n  ]\n}\n",
+    )
+    .unwrap();
+    let server = NatsServer::start(&dir, &["-c", config.to_str().unwrap()]);
+    let sent = contents(20, 7);
+    send_all(&broker, &sent);
+    let url = format!("nats://edge:s3cret@127.0.0.1:{}", server.port);
+    let args = ["--id", "fwd", "--subject", "edge.denied"];
+    let mut forwarder = Forwarder::start(&dir, &broker, &url, &args);
+    let status = forwarder.wait();
+    let stderr = forwarder.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Permissions Violation for Publish to \"edge.denied\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("reconnecting"), "not retried:\n{stderr}");
+    assert_eq!(
+        broker.stat("messages"),
+        sent.len() as u64,
+        "nothing acknowledged"
+    );
+}
+
+/// Sends `signal` (STOP, CONT) to `pid` with the shell's `kill`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -{signal} {pid}")])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// A server that stops answering without closing the connection (SIGSTOP:
+/// a hung host, a cable pulled behind a NAT): the forwarder's own PINGs go
+/// unanswered, it drops the connection and reconnects with backoff; once
+/// the server runs again everything is in the stream exactly once.
+#[test]
+fn nats_forward_detects_a_silent_server_and_resumes() {
+    let dir = TestDir::new("nats-silent");
+    let broker = Broker::start(&dir, &[]);
+    let server = NatsServer::start(&dir, &[]);
+    let pid = server.child.as_ref().unwrap().id();
+    let mut nats = server.client();
+    let first = contents(2_000, 8);
+    send_all(&broker, &first);
+    let args = ["--id", "fwd", "--subject", "edge.silent", "--window", "32"];
+    let mut forwarder = Forwarder::start(&dir, &broker, &server.url(), &args);
+    wait_count(&mut nats, "edge_silent", first.len() as u64, &forwarder);
+    drop(nats);
+    signal(pid, "STOP");
+    let second = contents(500, 9);
+    send_all(&broker, &second);
+    eventually("the forwarder to give up on the silent server", || {
+        forwarder
+            .stderr()
+            .contains("the NATS server did not answer 2 PINGs")
+    });
+    signal(pid, "CONT");
+    let mut nats = server.client();
+    let all: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
+    wait_count(&mut nats, "edge_silent", all.len() as u64, &forwarder);
+    eventually("every message acknowledged to the broker", || {
+        broker.stat("messages") == 0
+    });
+    let status = forwarder.terminate();
+    assert!(status.success(), "{status}\n{}", forwarder.stderr());
+    assert_exactly_once(&mut nats, "edge_silent", &instance(&broker), &all);
+}
+
+/// A server that PINGs every 100 ms and drops a connection after two
+/// unanswered (far tighter than its default of 2 minutes): the forwarder
+/// answers each PING, so an idle forwarder stays connected and still
+/// forwards what comes later.
+#[test]
+fn nats_forward_answers_the_servers_pings() {
+    let dir = TestDir::new("nats-pings");
+    let broker = Broker::start(&dir, &[]);
+    let config = dir.join("nats.conf");
+    std::fs::write(&config, "ping_interval: \"100ms\"\nping_max: 2\n").unwrap();
+    let server = NatsServer::start(&dir, &["-c", config.to_str().unwrap()]);
+    let mut nats = server.client();
+    let first = contents(10, 10);
+    send_all(&broker, &first);
+    let args = ["--id", "fwd", "--subject", "edge.pings"];
+    let mut forwarder = Forwarder::start(&dir, &broker, &server.url(), &args);
+    wait_count(&mut nats, "edge_pings", first.len() as u64, &forwarder);
+    // Idle through some thirty of the server's PINGs: a scenario length,
+    // not a readiness wait. (The tests' own client answers PINGs only
+    // while it waits for a reply, so it goes, and comes back after.)
+    drop(nats);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut nats = server.client();
+    let second = contents(10, 11);
+    send_all(&broker, &second);
+    let all: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
+    wait_count(&mut nats, "edge_pings", all.len() as u64, &forwarder);
+    let status = forwarder.terminate();
+    let stderr = forwarder.stderr();
+    assert!(status.success(), "{status}\n{stderr}");
+    assert!(
+        !stderr.contains("reconnecting"),
+        "dropped as stale:\n{stderr}"
+    );
+    assert_exactly_once(&mut nats, "edge_pings", &instance(&broker), &all);
+}
