@@ -181,9 +181,55 @@ pub fn send_nonblocking(socket: &impl AsRawFd, data: &[u8]) -> io::Result<usize>
     }
 }
 
+/// Waits up to `timeout` (at most about 24 days) until any of `sockets`
+/// has something to read, or was closed or failed (a read then says
+/// which), and returns which ones. `poll(2)`, the way Beej's guide waits
+/// on several sockets at once; a signal that interrupts it counts as
+/// "none ready", so the caller simply looks at its clocks and waits again.
+pub fn wait_readable<const N: usize>(
+    sockets: [&dyn AsRawFd; N],
+    timeout: Duration,
+) -> io::Result<[bool; N]> {
+    let mut fds = sockets.map(|socket| libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fds` is an array of N initialised pollfd that outlives the
+    // call, and N is its length.
+    let ret = unsafe { libc::poll(fds.as_mut_ptr(), N as libc::nfds_t, millis) };
+    if ret == -1 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok([false; N]);
+        }
+        return Err(err);
+    }
+    let ready = libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+    Ok(fds.map(|fd| fd.revents & ready != 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_readable_says_which_socket_has_data() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        let (mut a_out, a_in) = UnixStream::pair().unwrap();
+        let (_b_out, b_in) = UnixStream::pair().unwrap();
+        let quiet = wait_readable([&a_in, &b_in], Duration::from_millis(1)).unwrap();
+        assert_eq!(quiet, [false, false]);
+        a_out.write_all(b"x").unwrap();
+        let ready = wait_readable([&a_in, &b_in], Duration::from_secs(5)).unwrap();
+        assert_eq!(ready, [true, false]);
+        drop(a_out);
+        drop(_b_out);
+        let closed = wait_readable([&a_in, &b_in], Duration::from_secs(5)).unwrap();
+        assert_eq!(closed, [true, true], "a closed peer reads as ready (EOF)");
+    }
 
     #[test]
     fn page_size_and_timespec_fit_the_target() {
