@@ -8,6 +8,9 @@
 #   ./build.sh bench    throughput, latency and memory figures (docs/performance.md);
 #                       bench --backlog [--count N]: P of 1M with no consumer, and a backlog of
 #                       10M messages (RSS filling, after restart, draining; restart time; drain rate)
+#   ./build.sh lab      run docs/lab.md's commands and rewrite their outputs in place;
+#                       lab [--in FILE] [--out FILE] [--bin DIR] [--key K]: read FILE, write
+#                       another file, use the binaries in DIR (no build), SysV keys K..K+7
 #   ./build.sh clean    remove build output
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -54,6 +57,8 @@ ensure_tool() {
 
 run_tests() {
     ensure_tool strace strace
+    # The lab's test (tests/it/lab.rs) runs docs/lab.md's nc sessions.
+    ensure_tool nc netcat-openbsd
     # The NATS forwarder's tests (tests/it/nats_forward.rs) run real
     # nats-server processes.
     ensure_tool nats-server nats-server
@@ -557,12 +562,162 @@ bench_forward_rows() {
         "$id" "$id_before" "$id_after" "$(awk -v a="$id" -v b="$js" 'BEGIN { printf "%.2f", a / b }')"
 }
 
+# --- lab -----------------------------------------------------------------
+# docs/lab.md's commands, run for real; their outputs rewritten in place.
+# The convention (also at the top of docs/lab.md): a fenced block right
+# after a line `<!-- lab -->` holds commands, each starting with `$ `
+# (continued by lines after a trailing `\`, or up to the end word of a
+# `<<'EOF'` here-document), each followed by its output; only the output
+# lines are replaced. The block after `<!-- lab:setup -->` is run first as
+# it is (it sets the lab's variables), then BIN, LAB and the keys are set
+# to the generator's own. Every command runs in this one shell, in order,
+# so variables and background jobs carry over; each must exit 0 (a command
+# whose failure is the lesson ends in `; echo "exit status $?"`), and each
+# must bound its own waits (nc -w, loops with a count).
+
+# Runs command $1 (from line $2 of the input) with its output in
+# $lab_work/output; a failure ends the lab, naming the command.
+lab_run() {
+    local status=0
+    set +eu
+    { eval "$1"; } </dev/null >"$lab_work/output" 2>&1 7<&-
+    status=$?
+    set -eu
+    if [ "$status" != 0 ]; then
+        echo "lab: this command failed with exit status $status ($lab_in, line $2):" >&2
+        printf '%s\n' "$1" | sed 's/^/    /' >&2
+        echo "its output:" >&2
+        sed 's/^/  | /' "$lab_work/output" >&2
+        exit 1
+    fi
+}
+
+# What the lab started and left: brokers (also those under strace, whose
+# pids are in their logs), background jobs, IPC objects under its keys.
+lab_cleanup() {
+    set +e
+    local pid log k pids=()
+    for log in $(find "$lab_dir" -name '*.log' 2>/dev/null); do
+        for pid in $(sed -n 's/.* starting broker pid \([0-9]*\):.*/\1/p' "$log"); do
+            # Ours only if its command line names our directory.
+            tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF "$lab_dir" && pids+=("$pid")
+        done
+    done
+    pids+=($(jobs -p))
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    for _ in $(seq 1 100); do
+        local alive=""
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ -z "$alive" ] && break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+    wait 2>/dev/null
+    for k in $(seq 0 7); do
+        k=$(printf '0x%08x' $((lab_key + k)))
+        ipcrm -M "$k" 2>/dev/null
+        ipcrm -S "$k" 2>/dev/null
+    done
+    rm -rf "$lab_dir" "$lab_work"
+}
+
+# Reads one command starting at line $1 (text $2) from fd 7: its
+# continuation lines and here-document. Sets lab_command and lab_line.
+lab_read_command() {
+    lab_command=${2#\$ }
+    local line end=""
+    if [[ $lab_command =~ \<\<-?\'?([A-Za-z_]+)\'? ]]; then end=${BASH_REMATCH[1]}; fi
+    line=$2
+    while [[ -n $end || $line == *\\ ]]; do
+        IFS= read -r -u 7 line || break
+        lab_line=$((lab_line + 1))
+        printf '%s\n' "$line" >>"$lab_work/doc"
+        lab_command+=$'\n'"$line"
+        if [[ -n $end && $line == "$end" ]]; then end="" line=""; fi
+    done
+}
+
+lab() {
+    lab_in=docs/lab.md
+    local out="" bindir=""
+    lab_key=$(( 0x4d4c0000 + ($$ % 4096) * 8 ))
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --in) lab_in="$2"; shift 2 ;;
+            --out) out="$2"; shift 2 ;;
+            --bin) bindir="$2"; shift 2 ;;
+            --key) lab_key=$(( $2 )); shift 2 ;;
+            *) echo "usage: ./build.sh lab [--in FILE] [--out FILE] [--bin DIR] [--key K]" >&2; exit 2 ;;
+        esac
+    done
+    out=${out:-$lab_in}
+    ensure_tool nc netcat-openbsd
+    ensure_tool strace strace
+    ensure_tool ipcs util-linux
+    ensure_tool perl perl
+    if [ -z "$bindir" ]; then build; bindir="$here/bin"; fi
+    bindir="$(cd "$bindir" && pwd)"
+    local start=$SECONDS
+    lab_dir="$(mktemp -d "${TMPDIR:-/tmp}/mq-lab.XXXXXX")"
+    lab_work="$(mktemp -d "${TMPDIR:-/tmp}/mq-lab-work.XXXXXX")"
+    trap lab_cleanup EXIT
+    lab_commands=0
+    lab_line=0
+    local line state=text blocks=0
+    : >"$lab_work/doc"
+    while IFS= read -r -u 7 line; do
+        lab_line=$((lab_line + 1))
+        case "$state:$line" in
+            "text:<!-- lab -->") state=fence ;;
+            "text:<!-- lab:setup -->") state=setup-fence ;;
+            fence:'```'*) state=block; blocks=$((blocks + 1)) ;;
+            setup-fence:'```'*) state=setup; : >"$lab_work/setup" ;;
+            fence:* | setup-fence:*)
+                echo "lab: $lab_in, line $lab_line: a code fence must follow the lab marker" >&2
+                exit 1 ;;
+            setup:'```')
+                state=text
+                lab_run "$(cat "$lab_work/setup")" "$lab_line"
+                # The generator's own directory, binaries and keys.
+                BIN=$bindir LAB=$lab_dir
+                SHM=$(printf '0x%08x' "$lab_key") SEM=$(printf '0x%08x' $((lab_key + 1)))
+                SHM2=$(printf '0x%08x' $((lab_key + 2))) SEM2=$(printf '0x%08x' $((lab_key + 3)))
+                FOREIGN=$(printf '0x%08x' $((lab_key + 4))) ;;
+            setup:*) printf '%s\n' "$line" >>"$lab_work/setup" ;;
+            block:'```') state=text ;;
+            block:'$ '*)
+                printf '%s\n' "$line" >>"$lab_work/doc"
+                local at=$lab_line
+                lab_read_command "$lab_line" "$line"
+                lab_run "$lab_command" "$at"
+                lab_commands=$((lab_commands + 1))
+                cat "$lab_work/output" >>"$lab_work/doc"
+                # An output without its last newline still ends its line.
+                [ -z "$(tail -c 1 "$lab_work/output")" ] || echo >>"$lab_work/doc"
+                continue ;;
+            block:*) continue ;;
+        esac
+        printf '%s\n' "$line" >>"$lab_work/doc"
+    done 7<"$lab_in"
+    [ "$state" = text ] || { echo "lab: $lab_in ends inside a lab block" >&2; exit 1; }
+    local k left=""
+    for k in $(seq 0 7); do
+        k=$(printf '0x%08x' $((lab_key + k)))
+        if ipcs -m -s | grep -qi "^$k "; then left+=" $k"; fi
+    done
+    [ -z "$left" ] || { echo "lab: IPC objects left under the lab's keys:$left" >&2; exit 1; }
+    cp "$lab_work/doc" "$out.tmp.$$"
+    mv -f "$out.tmp.$$" "$out"
+    echo "lab: $lab_commands commands in $blocks blocks ran; wrote $out in $((SECONDS - start)) s"
+}
+
 case "${1:-}" in
     "") build ;;
     test) run_tests ;;
     install) shift; install_binaries "$@" ;;
     demo) demo ;;
     bench) shift; bench "$@" ;;
+    lab) shift; lab "$@" ;;
     clean) cargo clean; rm -rf bin ;;
-    *) echo "usage: ./build.sh [test|install [FROM [TO]]|demo|bench|clean]" >&2; exit 2 ;;
+    *) echo "usage: ./build.sh [test|install [FROM [TO]]|demo|bench|lab|clean]" >&2; exit 2 ;;
 esac

@@ -15,6 +15,7 @@ mod broker_log;
 mod broker_persistence;
 mod broker_protocol;
 mod clients;
+mod lab;
 mod nats_forward;
 mod ops_access;
 mod ops_consumer;
