@@ -327,15 +327,27 @@ struct Window<'f> {
     /// File offset of `buf[0]`.
     at: u64,
     buf: Vec<u8>,
+    /// Bytes the next read asks for at least; doubles after each read, up
+    /// to [`READ_CHUNK`].
+    chunk: usize,
 }
 
 impl<'f> Window<'f> {
+    /// A window for scans: reads of [`READ_CHUNK`].
     fn new(file: &'f File, end: u64) -> Window<'f> {
+        Window::sized(file, end, READ_CHUNK)
+    }
+
+    /// A window whose first read is `first_read` bytes (at least 4 KiB),
+    /// for a read of a few records: a `GET` batch of 16 small messages
+    /// then copies a few KiB out of the page cache, not 64.
+    fn sized(file: &'f File, end: u64, first_read: usize) -> Window<'f> {
         Window {
             file,
             end,
             at: 0,
             buf: Vec::new(),
+            chunk: first_read.clamp(4096, READ_CHUNK),
         }
     }
 
@@ -345,10 +357,11 @@ impl<'f> Window<'f> {
         let want_end = offset.saturating_add(want as u64).min(self.end);
         let have_end = self.at + self.buf.len() as u64;
         if offset < self.at || want_end > have_end {
-            let n = (self.end.saturating_sub(offset)).min(want.max(READ_CHUNK) as u64);
+            let n = (self.end.saturating_sub(offset)).min(want.max(self.chunk) as u64);
             self.buf.resize(n as usize, 0);
             self.file.read_exact_at(&mut self.buf, offset)?;
             self.at = offset;
+            self.chunk = (self.chunk * 2).min(READ_CHUNK);
         }
         let start = ((offset - self.at) as usize).min(self.buf.len());
         Ok(&self.buf[start..])
@@ -1234,7 +1247,10 @@ impl SegmentLog {
         {
             at = hint;
         }
-        let mut window = Window::new(file, segment.len);
+        // About 128 bytes a record to start with; a window that runs
+        // short reads on in doubling chunks.
+        let first_read = budget.records_left.saturating_mul(128);
+        let mut window = Window::sized(file, segment.len, first_read);
         let (mut offset, mut at_id) = (at.offset, at.id);
         let whole = MAX_HEADER + self.max_msg_size + 1;
         let mut spent = false;
