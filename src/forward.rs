@@ -756,8 +756,14 @@ fn pump(
         {
             return Ok(());
         }
+        let was_awaiting = pipeline.broker_replies_due();
         pipeline.queue_nats(&mut to_nats);
         pipeline.queue_broker(&mut to_broker);
+        if !was_awaiting && pipeline.broker_replies_due() {
+            // Nothing was awaited until now: the reply clock starts here,
+            // not at the last word the broker said before a quiet spell.
+            clocks.broker_heard = Instant::now();
+        }
         timers(
             pipeline,
             &mut clocks,
@@ -765,14 +771,7 @@ fn pump(
             &mut to_broker,
             &mut to_nats,
         )?;
-        flush(
-            pipeline,
-            &mut clocks,
-            broker,
-            nats,
-            &mut to_broker,
-            &mut to_nats,
-        )?;
+        flush(&mut clocks, broker, nats, &mut to_broker, &mut to_nats)?;
         let [from_broker, from_nats] = os::wait_readable([&broker.stream, &nats.stream], TICK)
             .map_err(|err| Verdict::Reconnect(format!("poll: {err}")))?;
         if from_broker {
@@ -789,7 +788,6 @@ fn pump(
 
 /// Writes what is queued for each side.
 fn flush(
-    pipeline: &Pipeline,
     clocks: &mut Clocks,
     broker: &mut BrokerWire,
     nats: &mut NatsWire,
@@ -804,10 +802,6 @@ fn flush(
         to_nats.clear();
     }
     if !to_broker.is_empty() {
-        if !pipeline.broker_replies_due() {
-            // Nothing was awaited until now: the reply clock starts here.
-            clocks.broker_heard = Instant::now();
-        }
         broker
             .stream
             .write_all(to_broker)
@@ -881,6 +875,9 @@ fn timers(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         protocol::encode_request(to_broker, &Command::Heartbeat(unix));
+        if !pipeline.broker_replies_due() {
+            clocks.broker_heard = now;
+        }
         pipeline.heartbeat_sent();
     }
     Ok(())
