@@ -443,6 +443,28 @@ fn wait_count(nats: &mut NatsClient, stream: &str, at_least: u64, forwarder: &Fo
     }
 }
 
+/// The end of a scenario: the stream holds as many as `expected` and the
+/// broker has every one acknowledged; SIGTERM then ends the forwarder with
+/// status 0, and the stream holds `expected` exactly once, in order.
+/// Returns the forwarder's stderr, for checks of its own.
+fn finish(
+    forwarder: &mut Forwarder,
+    nats: &mut NatsClient,
+    broker: &Broker,
+    stream: &str,
+    expected: &[Vec<u8>],
+) -> String {
+    wait_count(nats, stream, expected.len() as u64, forwarder);
+    eventually("every message acknowledged to the broker", || {
+        broker.stat("messages") == 0
+    });
+    let status = forwarder.terminate();
+    let stderr = forwarder.stderr();
+    assert!(status.success(), "{status}\n{stderr}");
+    assert_exactly_once(nats, stream, &instance(broker), expected);
+    stderr
+}
+
 /// The broker's instance file exists, mode 0600.
 fn assert_instance_file(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
@@ -471,17 +493,10 @@ fn nats_forward_exactly_once_through_forwarder_kills() {
         );
     }
     let mut forwarder = Forwarder::start(&dir, &broker, &server.url(), &args);
-    wait_count(&mut nats, "edge_kills", sent.len() as u64, &forwarder);
-    eventually("every message acknowledged to the broker", || {
-        broker.stat("messages") == 0
-    });
-    let status = forwarder.terminate();
-    let stderr = forwarder.stderr();
-    assert!(status.success(), "{status}\n{stderr}");
+    let stderr = finish(&mut forwarder, &mut nats, &broker, "edge_kills", &sent);
     assert!(stderr.contains("resuming after id "), "{stderr}");
     assert!(stderr.contains("consumer: forwarded "), "{stderr}");
     assert!(stderr.contains("msgs/s"), "{stderr}");
-    assert_exactly_once(&mut nats, "edge_kills", &instance(&broker), &sent);
     assert_instance_file(&dir.join("messages.dat.instance"));
 }
 
@@ -525,13 +540,7 @@ fn nats_forward_survives_a_broker_kill_and_a_nats_restart() {
     server.restart();
     let mut nats = server.client();
     let all: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
-    wait_count(&mut nats, "edge_restarts", all.len() as u64, &forwarder);
-    eventually("every message acknowledged to the broker", || {
-        broker.stat("messages") == 0
-    });
-    let status = forwarder.terminate();
-    assert!(status.success(), "{status}\n{}", forwarder.stderr());
-    assert_exactly_once(&mut nats, "edge_restarts", &instance(&broker), &all);
+    finish(&mut forwarder, &mut nats, &broker, "edge_restarts", &all);
 }
 
 #[test]
@@ -575,20 +584,13 @@ fn nats_forward_skips_what_the_stream_holds_after_the_duplicate_window() {
     std::thread::sleep(Duration::from_millis(2_500));
     broker.restart();
     let mut forwarder = Forwarder::start(&dir, &broker, &server.url(), &args);
-    wait_count(&mut nats, "DW", sent.len() as u64, &forwarder);
-    eventually("every message acknowledged to the broker", || {
-        broker.stat("messages") == 0
-    });
-    let status = forwarder.terminate();
-    let stderr = forwarder.stderr();
-    assert!(status.success(), "{status}\n{stderr}");
+    let stderr = finish(&mut forwarder, &mut nats, &broker, "DW", &sent);
     assert!(
         stderr.contains(&format!("resuming after id {held}")),
         "{held}\n{stderr}"
     );
     assert!(!stderr.contains("stream DW created"), "{stderr}");
     eprintln!("{stderr}");
-    assert_exactly_once(&mut nats, "DW", &instance(&broker), &sent);
     // A subject the stream does not cover: a clear refusal, exit 1.
     let mut wrong = Forwarder::start(
         &dir,
@@ -829,13 +831,7 @@ fn nats_forward_detects_a_silent_server_and_resumes() {
     signal(pid, "CONT");
     let mut nats = server.client();
     let all: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
-    wait_count(&mut nats, "edge_silent", all.len() as u64, &forwarder);
-    eventually("every message acknowledged to the broker", || {
-        broker.stat("messages") == 0
-    });
-    let status = forwarder.terminate();
-    assert!(status.success(), "{status}\n{}", forwarder.stderr());
-    assert_exactly_once(&mut nats, "edge_silent", &instance(&broker), &all);
+    finish(&mut forwarder, &mut nats, &broker, "edge_silent", &all);
 }
 
 /// A server that PINGs every 100 ms and drops a connection after two
@@ -864,13 +860,9 @@ fn nats_forward_answers_the_servers_pings() {
     let second = contents(10, 11);
     send_all(&broker, &second);
     let all: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
-    wait_count(&mut nats, "edge_pings", all.len() as u64, &forwarder);
-    let status = forwarder.terminate();
-    let stderr = forwarder.stderr();
-    assert!(status.success(), "{status}\n{stderr}");
+    let stderr = finish(&mut forwarder, &mut nats, &broker, "edge_pings", &all);
     assert!(
         !stderr.contains("reconnecting"),
         "dropped as stale:\n{stderr}"
     );
-    assert_exactly_once(&mut nats, "edge_pings", &instance(&broker), &all);
 }
