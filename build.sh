@@ -7,7 +7,9 @@
 #   ./build.sh demo     a broker, a consumer and a producer, end to end
 #   ./build.sh bench    throughput, latency and memory figures (docs/performance.md);
 #                       bench --backlog [--count N]: P of 1M with no consumer, and a backlog of
-#                       10M messages (RSS filling, after restart, draining; restart time; drain rate)
+#                       10M messages (RSS filling, after restart, draining; restart time; drain rate);
+#                       bench --forward [--pin]: the NATS forwarder against JetStream's own publish
+#                       (--pin: nats-server on CPU 1, the rest on CPU 0, as if on a host of its own)
 #   ./build.sh lab      run docs/lab.md's commands and rewrite their outputs in place;
 #                       lab [--in FILE] [--out FILE] [--bin DIR] [--key K]: read FILE, write
 #                       another file, use the binaries in DIR (no build), SysV keys K..K+7
@@ -88,7 +90,7 @@ start_broker() {
     local dir=$1 key=$2
     shift 2
     rm -f "$dir"/messages.dat*
-    "$here/bin/broker" --port 0 --bind 127.0.0.1 --shm-key "$key" --sem-key "$((key + 1))" \
+    ${pin_ours:-} "$here/bin/broker" --port 0 --bind 127.0.0.1 --shm-key "$key" --sem-key "$((key + 1))" \
         --log-file "$dir/broker.log" "$@" "$dir/messages.dat" >"$dir/broker.out" 2>&1 &
     bpid=$!
     # Up to 20 s: a start fsyncs its files, which can take seconds on a
@@ -308,7 +310,7 @@ bench_backlog() {
 start_nats() {
     local dir=$1
     rm -rf "$dir/js" "$dir/nats.log"
-    nats-server -js -sd "$dir/js" -p -1 -a 127.0.0.1 -l "$dir/nats.log" >/dev/null 2>&1 &
+    ${pin_nats:-} nats-server -js -sd "$dir/js" -p -1 -a 127.0.0.1 -l "$dir/nats.log" >/dev/null 2>&1 &
     npid=$!
     for _ in $(seq 1 1000); do
         grep -q 'Server is ready' "$dir/nats.log" 2>/dev/null && break
@@ -359,7 +361,7 @@ bench_forward() {
         stop_nats; stop_broker; return 1
     fi
     start=$(now_ns)
-    timeout 300 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id fwd \
+    ${pin_ours:-} timeout 300 "$here/bin/consumer" --host 127.0.0.1 --port "$bport" --id fwd \
         --to-nats "nats://127.0.0.1:$nport" --subject bench.forward --window "$window" \
         --count "$total" >/dev/null 2>>"$bdir/forward.err" || status=$?
     local spent=$(( $(now_ns) - start ))
@@ -388,7 +390,7 @@ bench_jetstream_p() {
     fi
     (cd "$copy" && CARGO_TARGET_DIR="$here/target/peerbench-$variant" cargo build --release --quiet) >&2
     start_nats "$bdir" || return 1
-    out=$("$here/target/peerbench-$variant/release/peerbench" run --target jetstream --addr "127.0.0.1:$nport" \
+    out=$(${pin_ours:-} "$here/target/peerbench-$variant/release/peerbench" run --target jetstream --addr "127.0.0.1:$nport" \
         --scenario P --n "$bcount" --size "$bsize" --window 256 --server-pid "$npid" 2>>"$bdir/clients.err" | grep '^RESULT' | tail -n 1)
     stop_nats
     sed -n 's/.* msgs_per_s=\([0-9]*\).*/\1/p' <<<"$out"
@@ -464,7 +466,10 @@ bench() {
             --scaling) scaling=1; shift ;;
             --backlog) backlog=1; shift ;;
             --forward) forward_only=1; shift ;;
-            *) echo "usage: ./build.sh bench [--size BYTES] [--count N] [--scaling | --backlog | --forward]" >&2; exit 2 ;;
+            # nats-server on CPU 1, everything else on CPU 0: as if the
+            # server ran on a host of its own (the edge-to-cloud topology).
+            --pin) pin_nats="taskset -c 1" pin_ours="taskset -c 0"; shift ;;
+            *) echo "usage: ./build.sh bench [--size BYTES] [--count N] [--scaling | --backlog | --forward [--pin]]" >&2; exit 2 ;;
         esac
     done
     bdir="$(mktemp -d "${TMPDIR:-/tmp}/mq-bench.XXXXXX")"
