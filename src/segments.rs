@@ -1779,6 +1779,20 @@ mod tests {
         check_reads_from(&again, again.first_id(), 3);
     }
 
+    /// A log of records 1 to 56, synced and closed, then `extra` appended
+    /// to its last segment by hand; that segment's path and its length
+    /// before `extra`.
+    fn fifty_six_records_then(dir: &TempDir, extra: &[u8]) -> (PathBuf, u64) {
+        let (mut log, _) = open(&dir.messages(), 100);
+        fill(&mut log, 57);
+        log.sync().unwrap();
+        let last = log.segments.back().unwrap().path.clone();
+        let len = fs::metadata(&last).unwrap().len();
+        let mut file = OpenOptions::new().append(true).open(&last).unwrap();
+        io::Write::write_all(&mut file, extra).unwrap();
+        (last, len)
+    }
+
     #[test]
     fn a_torn_tail_of_the_last_segment_is_cut_and_reported() {
         for tail in [
@@ -1788,13 +1802,7 @@ mod tests {
             b"57:1700000057:5:m57:x\x00\x00",
         ] {
             let dir = TempDir::new("torn");
-            let (mut log, _) = open(&dir.messages(), 100);
-            fill(&mut log, 57);
-            log.sync().unwrap();
-            let last = log.segments.back().unwrap().path.clone();
-            let len = fs::metadata(&last).unwrap().len();
-            let mut file = OpenOptions::new().append(true).open(&last).unwrap();
-            io::Write::write_all(&mut file, tail).unwrap();
+            let (last, len) = fifty_six_records_then(&dir, tail);
             let (mut again, report) = open(&dir.messages(), 100);
             assert_eq!(
                 report.torn,
@@ -1819,14 +1827,7 @@ mod tests {
         // Garbage after record 56 (a stale block), no valid record after it.
         let garbage = b"#!garbage of a stale block\n\x01\x02";
         let dir = TempDir::new("power-cut");
-        let (mut log, _) = open(&dir.messages(), 100);
-        fill(&mut log, 57);
-        log.sync().unwrap();
-        let last = log.segments.back().unwrap().path.clone();
-        let len = fs::metadata(&last).unwrap().len();
-        let mut file = OpenOptions::new().append(true).open(&last).unwrap();
-        io::Write::write_all(&mut file, garbage).unwrap();
-        drop(log);
+        let (last, len) = fifty_six_records_then(&dir, garbage);
         // Without what is durable, or when the offsets count a record that
         // is gone (NEXT_ID 58), it is damage, and nothing is changed.
         let plain = open_err(&dir.messages());

@@ -75,10 +75,11 @@ impl Drop for Guard {
     }
 }
 
-fn notify_round(dir: &TestDir, socket: UnixDatagram, address: &str) {
-    socket.set_read_timeout(Some(WAIT)).unwrap();
-    let keys = fresh_keys();
-    let child = std::process::Command::new(bin("broker"))
+/// `program` (a broker binary) on port 0 with fresh keys, its log and
+/// messages in `dir`, stdin closed; the caller sets the rest and spawns.
+fn broker_command(program: &Path, dir: &TestDir, keys: (i32, i32)) -> std::process::Command {
+    let mut command = std::process::Command::new(program);
+    command
         .args(["--port", "0", "--bind", "127.0.0.1"])
         .args([
             "--shm-key",
@@ -89,8 +90,15 @@ fn notify_round(dir: &TestDir, socket: UnixDatagram, address: &str) {
         .arg("--log-file")
         .arg(dir.join("broker.log"))
         .arg(dir.join("messages.dat"))
+        .stdin(std::process::Stdio::null());
+    command
+}
+
+fn notify_round(dir: &TestDir, socket: UnixDatagram, address: &str) {
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    let keys = fresh_keys();
+    let child = broker_command(&bin("broker"), dir, keys)
         .env("NOTIFY_SOCKET", address)
-        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -197,18 +205,7 @@ fn build_sh_installs_over_a_running_broker() {
     assert!(first.status.success(), "{}", show(&first));
     // A broker running from bin/, then a rebuild installs over it.
     let keys = fresh_keys();
-    let child = std::process::Command::new(to.join("broker"))
-        .args(["--port", "0", "--bind", "127.0.0.1"])
-        .args([
-            "--shm-key",
-            &keys.0.to_string(),
-            "--sem-key",
-            &keys.1.to_string(),
-        ])
-        .arg("--log-file")
-        .arg(dir.join("broker.log"))
-        .arg(dir.join("messages.dat"))
-        .stdin(std::process::Stdio::null())
+    let child = broker_command(&to.join("broker"), &dir, keys)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
