@@ -368,15 +368,14 @@ fn load_and_cut(
     }
     p.send_bytes(wire.as_bytes());
     let mut acked = Vec::new();
+    let acked_id = |line: &str| -> u64 {
+        let id = line.strip_prefix("OK:MSG_ID:").expect(line);
+        id.parse().unwrap()
+    };
     let read_before = rng.below(150);
     while (acked.len() as u64) < read_before {
         let line = p.try_line().expect("broker alive before the kill");
-        let id = line
-            .strip_prefix("OK:MSG_ID:")
-            .expect(&line)
-            .parse()
-            .unwrap();
-        acked.push((id, batch[acked.len()].clone()));
+        acked.push((acked_id(&line), batch[acked.len()].clone()));
     }
     for _ in 0..rng.below(read_before + 1) {
         c.send("GET");
@@ -388,12 +387,7 @@ fn load_and_cut(
     broker.kill();
     // Replies that reached our socket before the kill count as acked.
     while let Some(line) = p.try_line() {
-        let id = line
-            .strip_prefix("OK:MSG_ID:")
-            .expect(&line)
-            .parse()
-            .unwrap();
-        acked.push((id, batch[acked.len()].clone()));
+        acked.push((acked_id(&line), batch[acked.len()].clone()));
     }
     let offsets = std::fs::read_to_string(mensajeria::store::offsets_path(&broker.messages))
         .unwrap_or_default();
