@@ -88,6 +88,9 @@ pub const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// On SIGINT/SIGTERM: how long to wait for the PubAcks in flight, and then
 /// for our broker to confirm the acks.
 pub const STOP_WAIT: Duration = Duration::from_secs(5);
+/// A cycle that lasts this long counts as a success for the backoff even
+/// when it moved nothing (an idle forwarder whose server restarted).
+const HEALTHY_CYCLE: Duration = Duration::from_secs(10);
 /// Longest time the main loop sleeps without looking at its timers and
 /// the stop flag.
 const TICK: Duration = Duration::from_millis(100);
@@ -123,6 +126,15 @@ pub struct Totals {
     pub stored: u64,
     /// The broker instance `stored` belongs to.
     pub instance: String,
+}
+
+impl Totals {
+    /// Messages in the stream and acknowledged (or about to be) to our
+    /// broker: forwarded, dropped by JetStream as duplicates, or skipped
+    /// because the stream held them.
+    pub fn settled(&self) -> u64 {
+        self.forwarded + self.duplicates + self.skipped
+    }
 }
 
 /// One cycle's conversation with both sides, apart from the sockets.
@@ -210,17 +222,11 @@ impl Pipeline {
         self
     }
 
-    /// Messages in the stream and acknowledged (or about to be) to our
-    /// broker, over all cycles.
-    fn settled_count(&self) -> u64 {
-        self.totals.forwarded + self.totals.duplicates + self.totals.skipped
-    }
-
     /// Stops taking once the `--count` is reached.
     fn check_limit(&mut self) {
         if self
             .limit
-            .is_some_and(|limit| self.settled_count() >= limit)
+            .is_some_and(|limit| self.totals.settled() >= limit)
         {
             self.stopping = true;
         }
@@ -261,7 +267,7 @@ impl Pipeline {
         }
         if let Some(limit) = self.limit {
             // Never take a message the count has no room for.
-            let taken = self.settled_count() + (self.in_flight.len() + self.ready.len()) as u64;
+            let taken = self.totals.settled() + (self.in_flight.len() + self.ready.len()) as u64;
             let room = limit.saturating_sub(taken + self.gets_due as u64);
             gets = gets.min(usize::try_from(room).unwrap_or(usize::MAX));
         }
@@ -664,7 +670,7 @@ fn cycle(
         totals.stored = 0;
     }
     totals.stored = totals.stored.max(last);
-    backoff.reset();
+    let (started, settled_before) = (Instant::now(), totals.settled());
     let mut pipeline = Pipeline::new(
         options.window,
         &instance,
@@ -675,6 +681,13 @@ fn cycle(
     .with_limit(options.count);
     let outcome = pump_and_close(&mut pipeline, broker, nats, options, stop);
     *totals = pipeline.totals.clone();
+    // A cycle that moved messages, or held for a while, was a success: the
+    // next loss starts the backoff afresh. One that failed at once (a
+    // stream that refuses every publish, say) lets it grow, so that a
+    // lasting refusal is retried every few seconds, not every 100 ms.
+    if totals.settled() > settled_before || started.elapsed() >= HEALTHY_CYCLE {
+        backoff.reset();
+    }
     outcome
 }
 

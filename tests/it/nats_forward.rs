@@ -866,3 +866,62 @@ fn nats_forward_answers_the_servers_pings() {
         "dropped as stale:\n{stderr}"
     );
 }
+
+/// A stream that takes no more (`max_msgs` 5, `discard: new`): JetStream
+/// answers each publish past the limit with a PubAck error. The forwarder
+/// says so, acknowledges to the broker only what was stored, and retries
+/// with backoff; once the limit is lifted, everything arrives exactly once.
+#[test]
+fn nats_forward_retries_a_full_stream_until_it_has_room() {
+    let dir = TestDir::new("nats-full");
+    let broker = Broker::start(&dir, &[]);
+    let server = NatsServer::start(&dir, &[]);
+    let mut nats = server.client();
+    let config = |max_msgs: i64| {
+        format!(
+            r#"{{"name":"FULL","subjects":["edge.full"],"storage":"file","retention":"limits","discard":"new","max_msgs":{max_msgs},"num_replicas":1,"duplicate_window":120000000000}}"#
+        )
+    };
+    let created = nats.request("$JS.API.STREAM.CREATE.FULL", &config(5));
+    assert!(!created.contains("\"error\""), "{created}");
+    let sent = contents(40, 12);
+    send_all(&broker, &sent);
+    let args = [
+        "--id",
+        "fwd",
+        "--subject",
+        "edge.full",
+        "--stream",
+        "FULL",
+        "--window",
+        "8",
+    ];
+    let mut forwarder = Forwarder::start(&dir, &broker, &server.url(), &args);
+    eventually("JetStream refusing the publishes past the limit", || {
+        forwarder.stderr().matches("reconnecting in").count() >= 5
+    });
+    let stderr = forwarder.stderr();
+    assert!(
+        stderr.contains("JetStream refused the publish: maximum messages exceeded"),
+        "{stderr}"
+    );
+    // The backoff grows across the refusals (100 ms doubling, each wait
+    // between half and all of its step), though every cycle connected
+    // fine. It starts afresh after a cycle that settled something: the
+    // first stores five, and the second may skip those five again (their
+    // acks can be lost with the first cycle), so by the fifth refusal at
+    // least two have grown it: a wait of 200 ms or more.
+    let waits: Vec<u64> = stderr
+        .lines()
+        .filter_map(|l| l.split("reconnecting in ").nth(1))
+        .map(|rest| rest.trim_end_matches(" ms").parse().unwrap())
+        .collect();
+    assert!(waits.iter().any(|&ms| ms >= 200), "{waits:?}\n{stderr}");
+    assert_eq!(nats.count("FULL"), 5);
+    eventually("the five stored acknowledged, and no more", || {
+        broker.stat("messages") == 35
+    });
+    let updated = nats.request("$JS.API.STREAM.UPDATE.FULL", &config(-1));
+    assert!(!updated.contains("\"error\""), "{updated}");
+    finish(&mut forwarder, &mut nats, &broker, "FULL", &sent);
+}
