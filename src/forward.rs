@@ -701,11 +701,17 @@ fn pump_and_close(
     stop: &AtomicBool,
 ) -> Result<(), Verdict> {
     let outcome = pump(pipeline, &mut broker, &mut nats, options.heartbeat, stop);
-    if outcome.is_ok() {
-        let mut quit = Vec::new();
-        protocol::encode_request(&mut quit, &Command::Quit);
-        let _ = broker.stream.write_all(&quit);
+    let mut last = Vec::new();
+    if outcome.is_err() {
+        // The cycle ends on an error, maybe in the same read as PubAcks
+        // that came before it: acknowledge what JetStream stored, if the
+        // broker still listens, so it is not delivered again for nothing.
+        pipeline.stop();
+        pipeline.queue_broker(&mut last);
+    } else {
+        protocol::encode_request(&mut last, &Command::Quit);
     }
+    let _ = broker.stream.write_all(&last);
     outcome
 }
 
